@@ -1,0 +1,579 @@
+//! The broker: named queues and topics in shared memory.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::stream;
+use switchyard_core::transport::BoxFuture;
+use switchyard_core::{
+    Capabilities, DeadLetterInfo, Delivery, DeliveryStream, Envelope, QueueSpec, Settlement,
+    Settler, SubscribeOptions, Topology, Transport, TransportError, TransportErrorKind,
+};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Limits of a [`MemoryTransport`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct MemoryConfig {
+    /// Capacity of a queue declared without one. Default 10,000.
+    pub default_capacity: usize,
+    /// Largest payload accepted, in bytes. Default 1 MiB.
+    pub max_payload: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            default_capacity: 10_000,
+            max_payload: 1024 * 1024,
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// Sets the default queue capacity.
+    pub fn default_capacity(mut self, n: usize) -> Self {
+        self.default_capacity = n.max(1);
+        self
+    }
+
+    /// Sets the largest payload accepted.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+}
+
+/// A handle to an in-process broker. Clones share the same broker.
+#[derive(Clone, Default)]
+pub struct MemoryTransport {
+    broker: Arc<Broker>,
+}
+
+#[derive(Default)]
+struct Broker {
+    config: MemoryConfig,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    topics: RwLock<HashMap<String, Vec<Arc<Queue>>>>,
+}
+
+struct Queue {
+    name: Arc<str>,
+    capacity: usize,
+    lease: Option<Duration>,
+    dead_letter: Option<Arc<Queue>>,
+    state: Mutex<QueueState>,
+    /// Woken when a message becomes ready (or delayed: waiters recompute their timer).
+    readable: Notify,
+    /// Woken when the queue shrinks, for publishers waiting for capacity.
+    writable: Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    ready: VecDeque<Stored>,
+    delayed: BinaryHeap<Reverse<Delayed>>,
+    in_flight: HashMap<u64, InFlight>,
+    leases: BinaryHeap<Reverse<(Instant, u64)>>,
+    next_tag: u64,
+    next_seq: u64,
+}
+
+#[derive(Clone)]
+struct Stored {
+    envelope: Arc<Envelope>,
+    deliveries: u32,
+}
+
+struct InFlight {
+    stored: Stored,
+    lease_deadline: Option<Instant>,
+}
+
+struct Delayed {
+    due: Instant,
+    seq: u64,
+    stored: Stored,
+}
+
+impl PartialEq for Delayed {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.seq) == (other.due, other.seq)
+    }
+}
+impl Eq for Delayed {}
+impl PartialOrd for Delayed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Delayed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due, self.seq).cmp(&(other.due, other.seq))
+    }
+}
+
+impl QueueState {
+    fn len(&self) -> usize {
+        self.ready.len() + self.delayed.len() + self.in_flight.len()
+    }
+
+    /// Moves due delayed messages and expired leases to the ready list, and
+    /// returns when the next one falls due.
+    fn promote(&mut self, now: Instant) -> Option<Instant> {
+        while let Some(Reverse(d)) = self.delayed.peek() {
+            if d.due > now {
+                break;
+            }
+            let Reverse(d) = self.delayed.pop().expect("peeked");
+            self.ready.push_back(d.stored);
+        }
+        while let Some(&Reverse((due, tag))) = self.leases.peek() {
+            if due > now {
+                break;
+            }
+            self.leases.pop();
+            // An extended lease left an older heap entry behind: skip it.
+            if self.in_flight.get(&tag).and_then(|f| f.lease_deadline) == Some(due) {
+                let f = self.in_flight.remove(&tag).expect("checked");
+                self.ready.push_front(f.stored);
+            }
+        }
+        let next_delayed = self.delayed.peek().map(|Reverse(d)| d.due);
+        let next_lease = self.leases.peek().map(|Reverse((due, _))| *due);
+        match (next_delayed, next_lease) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+fn not_found(name: &str) -> TransportError {
+    TransportError::new(
+        TransportErrorKind::NotFound,
+        format!("no queue or topic named {name:?} is declared"),
+    )
+}
+
+fn stale(queue: &str) -> TransportError {
+    TransportError::new(
+        TransportErrorKind::StaleDelivery,
+        format!("delivery from {queue:?} is no longer in flight (its lease ran out and it was redelivered)"),
+    )
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A panic while holding the lock cannot leave the state half-updated
+        // in a way that loses messages, so poisoning is not fatal here.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push_ready(&self, stored: Stored) {
+        self.lock().ready.push_back(stored);
+        self.readable.notify_one();
+    }
+
+    async fn publish(&self, envelope: Arc<Envelope>) {
+        loop {
+            let writable = self.writable.notified();
+            tokio::pin!(writable);
+            writable.as_mut().enable();
+            {
+                let mut state = self.lock();
+                if state.len() < self.capacity {
+                    state.ready.push_back(Stored {
+                        envelope,
+                        deliveries: 0,
+                    });
+                    drop(state);
+                    self.readable.notify_one();
+                    return;
+                }
+            }
+            writable.await;
+        }
+    }
+
+    /// Takes the next ready message, waiting as long as needed.
+    async fn next(self: &Arc<Self>) -> (u64, Stored, Option<Instant>) {
+        loop {
+            let readable = self.readable.notified();
+            tokio::pin!(readable);
+            readable.as_mut().enable();
+            let wake_at = {
+                let mut state = self.lock();
+                let now = Instant::now();
+                let wake_at = state.promote(now);
+                if let Some(mut stored) = state.ready.pop_front() {
+                    stored.deliveries += 1;
+                    let tag = state.next_tag;
+                    state.next_tag += 1;
+                    let lease_deadline = self.lease.map(|l| now + l);
+                    if let Some(deadline) = lease_deadline {
+                        state.leases.push(Reverse((deadline, tag)));
+                    }
+                    state.in_flight.insert(
+                        tag,
+                        InFlight {
+                            stored: stored.clone(),
+                            lease_deadline,
+                        },
+                    );
+                    let more = !state.ready.is_empty();
+                    drop(state);
+                    if more {
+                        // Pass the baton: another waiting consumer may take the next one.
+                        self.readable.notify_one();
+                    }
+                    return (tag, stored, lease_deadline);
+                }
+                wake_at
+            };
+            match wake_at {
+                Some(at) => {
+                    tokio::select! {
+                        _ = readable => {}
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                    }
+                }
+                None => readable.await,
+            }
+        }
+    }
+
+    fn take_in_flight(&self, tag: u64) -> Result<Stored, TransportError> {
+        let removed = self.lock().in_flight.remove(&tag);
+        match removed {
+            Some(f) => {
+                self.writable.notify_one();
+                Ok(f.stored)
+            }
+            None => Err(stale(&self.name)),
+        }
+    }
+
+    fn settle(&self, tag: u64, settlement: Settlement) -> Result<(), TransportError> {
+        match settlement {
+            Settlement::Ack => self.take_in_flight(tag).map(drop),
+            Settlement::Retry { delay } => {
+                let mut state = self.lock();
+                let stored = state.in_flight.remove(&tag).ok_or_else(|| stale(&self.name))?.stored;
+                if delay.is_zero() {
+                    state.ready.push_back(stored);
+                } else {
+                    let seq = state.next_seq;
+                    state.next_seq += 1;
+                    state.delayed.push(Reverse(Delayed {
+                        due: Instant::now() + delay,
+                        seq,
+                        stored,
+                    }));
+                }
+                drop(state);
+                // Wake a consumer: either to take it, or to re-arm its timer.
+                self.readable.notify_one();
+                Ok(())
+            }
+            Settlement::Release => {
+                let mut state = self.lock();
+                let mut stored = state.in_flight.remove(&tag).ok_or_else(|| stale(&self.name))?.stored;
+                // Not an attempt: the next delivery gets the same number.
+                stored.deliveries = stored.deliveries.saturating_sub(1);
+                state.ready.push_front(stored);
+                drop(state);
+                self.readable.notify_one();
+                Ok(())
+            }
+            Settlement::DeadLetter {
+                reason,
+                detail,
+                attempts,
+            } => {
+                let dlq = self.dead_letter.as_ref().ok_or_else(|| {
+                    TransportError::new(
+                        TransportErrorKind::Config,
+                        format!("queue {:?} has no dead-letter queue", self.name),
+                    )
+                })?;
+                let envelope = {
+                    let state = self.lock();
+                    let f = state.in_flight.get(&tag).ok_or_else(|| stale(&self.name))?;
+                    let mut envelope = Envelope::clone(&f.stored.envelope);
+                    DeadLetterInfo {
+                        reason,
+                        detail,
+                        attempts,
+                        source: self.name.to_string(),
+                        at: SystemTime::now(),
+                    }
+                    .write_to(&mut envelope.headers);
+                    envelope
+                };
+                // Into the dead-letter queue first, then off this one: a
+                // failure in between leaves a copy, never a loss.
+                dlq.push_ready(Stored {
+                    envelope: Arc::new(envelope),
+                    deliveries: 0,
+                });
+                self.take_in_flight(tag).map(drop)
+            }
+        }
+    }
+
+    fn extend(&self, tag: u64, lease: Duration) -> Result<Instant, TransportError> {
+        let mut state = self.lock();
+        let deadline = Instant::now() + lease;
+        let f = state.in_flight.get_mut(&tag).ok_or_else(|| stale(&self.name))?;
+        if f.lease_deadline.is_none() {
+            return Ok(deadline);
+        }
+        f.lease_deadline = Some(deadline);
+        state.leases.push(Reverse((deadline, tag)));
+        Ok(deadline)
+    }
+
+    /// Gives back a delivery dropped unsettled: it counts as an attempt, as
+    /// after a consumer crash.
+    fn requeue_dropped(&self, tag: u64) {
+        let mut state = self.lock();
+        if let Some(f) = state.in_flight.remove(&tag) {
+            state.ready.push_front(f.stored);
+            drop(state);
+            self.readable.notify_one();
+        }
+    }
+}
+
+struct MemorySettler {
+    queue: Arc<Queue>,
+    tag: u64,
+    lease_deadline: Option<Instant>,
+    settled: bool,
+    _prefetch: OwnedSemaphorePermit,
+}
+
+impl Settler for MemorySettler {
+    fn settle(mut self: Box<Self>, settlement: Settlement) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.settled = true;
+        let result = self.queue.settle(self.tag, settlement);
+        Box::pin(std::future::ready(result))
+    }
+
+    fn extend(&mut self, lease: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
+        let result = self.queue.extend(self.tag, lease).map(|deadline| {
+            if self.lease_deadline.is_some() {
+                self.lease_deadline = Some(deadline);
+            }
+        });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn lease_deadline(&self) -> Option<Instant> {
+        self.lease_deadline
+    }
+}
+
+impl Drop for MemorySettler {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.queue.requeue_dropped(self.tag);
+        }
+    }
+}
+
+impl MemoryTransport {
+    /// A new, empty broker with default limits.
+    pub fn new() -> Self {
+        Self::with_config(MemoryConfig::default())
+    }
+
+    /// A new, empty broker with the given limits.
+    pub fn with_config(config: MemoryConfig) -> Self {
+        MemoryTransport {
+            broker: Arc::new(Broker {
+                config,
+                queues: RwLock::default(),
+                topics: RwLock::default(),
+            }),
+        }
+    }
+
+    /// Messages a queue holds (ready, delayed and in flight), or `None` if
+    /// no such queue is declared.
+    pub fn depth(&self, queue: &str) -> Option<usize> {
+        self.queue(queue).map(|q| q.lock().len())
+    }
+
+    /// Messages of a queue that are in flight (delivered, not settled).
+    pub fn in_flight(&self, queue: &str) -> Option<usize> {
+        self.queue(queue).map(|q| q.lock().in_flight.len())
+    }
+
+    fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.broker
+            .queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn declare_queue(&self, spec: &QueueSpec) -> Result<(), TransportError> {
+        let mut queues = self.broker.queues.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = queues.get(&spec.name) {
+            let dlq_differs = spec.dead_letter.as_deref().is_some_and(|wanted| {
+                existing.dead_letter.as_ref().map(|d| &*d.name) != Some(wanted)
+            });
+            if dlq_differs || existing.lease != spec.lease {
+                return Err(TransportError::new(
+                    TransportErrorKind::Config,
+                    format!("queue {:?} is already declared with other settings", spec.name),
+                ));
+            }
+            return Ok(());
+        }
+        let dlq_name = spec.dead_letter.clone().unwrap_or_else(|| default_dlq(&spec.name));
+        let dlq = queues
+            .entry(dlq_name.clone())
+            .or_insert_with(|| {
+                Arc::new(Queue::new(dlq_name.into(), usize::MAX, None, None))
+            })
+            .clone();
+        let capacity = spec.capacity.unwrap_or(self.broker.config.default_capacity);
+        queues.insert(
+            spec.name.clone(),
+            Arc::new(Queue::new(spec.name.as_str().into(), capacity, spec.lease, Some(dlq))),
+        );
+        Ok(())
+    }
+}
+
+fn default_dlq(name: &str) -> String {
+    format!("{name}.dlq")
+}
+
+impl Queue {
+    fn new(name: Arc<str>, capacity: usize, lease: Option<Duration>, dead_letter: Option<Arc<Queue>>) -> Self {
+        Queue {
+            name,
+            capacity: capacity.max(1),
+            lease,
+            dead_letter,
+            state: Mutex::default(),
+            readable: Notify::new(),
+            writable: Notify::new(),
+        }
+    }
+}
+
+impl fmt::Debug for MemoryTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let queues = self.broker.queues.read().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<_> = queues.keys().collect();
+        names.sort();
+        f.debug_struct("MemoryTransport")
+            .field("config", &self.broker.config)
+            .field("queues", &names)
+            .finish()
+    }
+}
+
+impl Transport for MemoryTransport {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::full();
+        caps.max_payload = Some(self.broker.config.max_payload);
+        caps
+    }
+
+    fn declare<'a>(&'a self, topology: &'a Topology) -> BoxFuture<'a, Result<(), TransportError>> {
+        let result = (|| {
+            for q in &topology.queues {
+                self.declare_queue(q)?;
+            }
+            for t in &topology.topics {
+                let mut bound = Vec::with_capacity(t.subscriptions.len());
+                for s in &t.subscriptions {
+                    bound.push(self.queue(s).ok_or_else(|| {
+                        TransportError::new(
+                            TransportErrorKind::Config,
+                            format!("topic {:?} binds queue {s:?}, which is not declared", t.name),
+                        )
+                    })?);
+                }
+                let mut topics = self.broker.topics.write().unwrap_or_else(|p| p.into_inner());
+                let existing = topics.entry(t.name.clone()).or_default();
+                for q in bound {
+                    if !existing.iter().any(|e| Arc::ptr_eq(e, &q)) {
+                        existing.push(q);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        Box::pin(std::future::ready(result))
+    }
+
+    fn publish<'a>(&'a self, destination: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            let max = self.broker.config.max_payload;
+            if envelope.payload.len() > max {
+                return Err(TransportError::new(
+                    TransportErrorKind::TooLarge,
+                    format!(
+                        "payload of {} bytes is over the {max}-byte limit of the memory transport",
+                        envelope.payload.len()
+                    ),
+                ));
+            }
+            let envelope = Arc::new(envelope);
+            if let Some(queue) = self.queue(destination) {
+                queue.publish(envelope).await;
+                return Ok(());
+            }
+            let subscribers = self
+                .broker
+                .topics
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(destination)
+                .cloned()
+                .ok_or_else(|| not_found(destination))?;
+            for queue in subscribers {
+                queue.publish(Arc::clone(&envelope)).await;
+            }
+            Ok(())
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        source: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
+        let result = self.queue(source).ok_or_else(|| not_found(source)).map(|queue| {
+            let prefetch = Arc::new(Semaphore::new(options.prefetch));
+            let deliveries = stream::unfold((queue, prefetch), |(queue, prefetch)| async move {
+                let permit = Arc::clone(&prefetch)
+                    .acquire_owned()
+                    .await
+                    .expect("the prefetch semaphore is never closed");
+                let (tag, stored, lease_deadline) = queue.next().await;
+                let settler = MemorySettler {
+                    queue: Arc::clone(&queue),
+                    tag,
+                    lease_deadline,
+                    settled: false,
+                    _prefetch: permit,
+                };
+                let delivery = Delivery::new(stored.envelope, stored.deliveries, Box::new(settler));
+                Some((Ok(delivery), (queue, prefetch)))
+            });
+            Box::pin(deliveries) as DeliveryStream
+        });
+        Box::pin(std::future::ready(result))
+    }
+}

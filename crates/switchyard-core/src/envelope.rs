@@ -1,0 +1,303 @@
+//! The transport-neutral message: identity, routing metadata and payload.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+/// A message's unique identity.
+///
+/// Generated ids are UUID v7 (time-ordered). Ids read from a broker are kept
+/// as the producer wrote them: they are untrusted input, and the validate
+/// middleware decides whether they are well formed.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(String);
+
+impl MessageId {
+    /// A new, unique, time-ordered id (UUID v7).
+    pub fn new() -> Self {
+        MessageId(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// The id exactly as read from the wire.
+    pub fn from_wire(id: impl Into<String>) -> Self {
+        MessageId(id.into())
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for MessageId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Ids come from producers: escape control characters so that an id
+        // with CR/LF cannot forge log lines.
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_fmt(format_args!("{c}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({:?})", self.0)
+    }
+}
+
+impl From<&str> for MessageId {
+    fn from(s: &str) -> Self {
+        MessageId(s.to_owned())
+    }
+}
+
+impl From<String> for MessageId {
+    fn from(s: String) -> Self {
+        MessageId(s)
+    }
+}
+
+/// Extra headers: names and values the contract does not give a field of
+/// their own. Ordered, so that their wire form is deterministic.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers(BTreeMap<String, String>);
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The value of `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    /// Sets `name` to `value`, returning the previous value.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) -> Option<String> {
+        self.0.insert(name.into(), value.into())
+    }
+
+    /// Removes `name`, returning its value.
+    pub fn remove(&mut self, name: &str) -> Option<String> {
+        self.0.remove(name)
+    }
+
+    /// Every header, ordered by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// How many headers there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.iter()).finish()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
+    fn from_iter<T: IntoIterator<Item = (K, V)>>(iter: T) -> Self {
+        Headers(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+}
+
+/// W3C trace context carried with a message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    /// The `traceparent` value.
+    pub traceparent: Option<String>,
+    /// The `tracestate` value.
+    pub tracestate: Option<String>,
+}
+
+/// The transport-neutral message.
+///
+/// Every adapter maps these fields onto broker-native properties and headers
+/// (see `docs/wire-format.md`), so that a message published through one
+/// adapter reads back with the same fields.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Unique identity (UUID v7 when switchyard creates it).
+    pub id: MessageId,
+    /// Stable type name, e.g. `orders.order-placed`.
+    pub kind: String,
+    /// Version of the payload schema of `kind`.
+    pub schema_version: u32,
+    /// When the fact happened or the command was issued.
+    pub occurred_at: SystemTime,
+    /// The conversation this message belongs to.
+    pub correlation_id: Option<String>,
+    /// The id of the message that caused this one.
+    pub causation_id: Option<String>,
+    /// The service that produced the message.
+    pub producer: Option<String>,
+    /// The key whose messages must be handled in order.
+    pub partition_key: Option<String>,
+    /// The tenant the message belongs to.
+    pub tenant: Option<String>,
+    /// After this instant the work is no longer wanted.
+    pub deadline: Option<SystemTime>,
+    /// Where a reply should be sent.
+    pub reply_to: Option<String>,
+    /// W3C trace context.
+    pub trace: TraceContext,
+    /// Media type of the payload, e.g. `application/json`.
+    pub content_type: Option<String>,
+    /// Headers without a field of their own.
+    pub headers: Headers,
+    /// The encoded message.
+    pub payload: Bytes,
+}
+
+impl Envelope {
+    /// An envelope with a fresh id, the current time, schema version 1 and
+    /// the given type and payload; every optional field empty.
+    pub fn new(kind: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Envelope {
+            id: MessageId::new(),
+            kind: kind.into(),
+            schema_version: 1,
+            occurred_at: SystemTime::now(),
+            correlation_id: None,
+            causation_id: None,
+            producer: None,
+            partition_key: None,
+            tenant: None,
+            deadline: None,
+            reply_to: None,
+            trace: TraceContext::default(),
+            content_type: None,
+            headers: Headers::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// Sets the schema version.
+    pub fn with_schema_version(mut self, version: u32) -> Self {
+        self.schema_version = version;
+        self
+    }
+
+    /// Sets the id.
+    pub fn with_id(mut self, id: impl Into<MessageId>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the partition key.
+    pub fn with_partition_key(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
+    }
+
+    /// Sets the deadline.
+    pub fn with_deadline(mut self, deadline: SystemTime) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Sets the deadline to `ttl` from now.
+    pub fn with_ttl(self, ttl: Duration) -> Self {
+        self.with_deadline(SystemTime::now() + ttl)
+    }
+
+    /// Sets a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// Whether the deadline, if any, lies before `now`.
+    pub fn is_expired_at(&self, now: SystemTime) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
+}
+
+impl fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The payload may hold personal data: show its size, not its bytes.
+        f.debug_struct("Envelope")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("schema_version", &self.schema_version)
+            .field("occurred_at", &humantime::format_rfc3339_millis(self.occurred_at))
+            .field("correlation_id", &self.correlation_id)
+            .field("causation_id", &self.causation_id)
+            .field("producer", &self.producer)
+            .field("partition_key", &self.partition_key)
+            .field("tenant", &self.tenant)
+            .field("deadline", &self.deadline.map(humantime::format_rfc3339_millis))
+            .field("reply_to", &self.reply_to)
+            .field("trace", &self.trace)
+            .field("content_type", &self.content_type)
+            .field("headers", &self.headers)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_unique_and_time_ordered() {
+        let a = MessageId::new();
+        let b = MessageId::new();
+        assert_ne!(a, b);
+        assert!(a < b, "uuid v7 ids sort by creation time");
+        assert_eq!(uuid::Uuid::parse_str(a.as_str()).unwrap().get_version_num(), 7);
+    }
+
+    #[test]
+    fn display_escapes_control_characters() {
+        let id = MessageId::from_wire("abc\r\nFAKE LOG LINE");
+        assert_eq!(id.to_string(), "abc\\r\\nFAKE LOG LINE");
+    }
+
+    #[test]
+    fn debug_hides_payload() {
+        let env = Envelope::new("t", &b"secret card number"[..]);
+        let dbg = format!("{env:?}");
+        assert!(!dbg.contains("secret"));
+        assert!(dbg.contains("payload_len: 18"));
+    }
+
+    #[test]
+    fn expiry() {
+        let now = SystemTime::now();
+        let env = Envelope::new("t", Bytes::new()).with_deadline(now);
+        assert!(env.is_expired_at(now));
+        assert!(!env.is_expired_at(now - Duration::from_secs(1)));
+        assert!(!Envelope::new("t", Bytes::new()).is_expired_at(now));
+    }
+}

@@ -1,0 +1,46 @@
+//! The transport-neutral contract and consumer runtime of switchyard.
+//!
+//! This crate names no broker. It defines what a message is on the way
+//! through ([`Envelope`]), what a user writes ([`Message`], [`Handler`]),
+//! how failures are classified ([`HandleError`]), what a broker adapter must
+//! provide ([`Transport`], [`Delivery`], [`Capabilities`]), what the handler
+//! pipeline decides ([`Outcome`]) and the runtime that settles each delivery
+//! from that decision ([`Consumer`]).
+//!
+//! The life of a delivery is described in `docs/architecture.md`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod envelope;
+pub mod handler;
+pub mod message;
+pub mod outcome;
+pub mod router;
+pub mod runtime;
+pub mod transport;
+
+pub use envelope::{Envelope, Headers, MessageId, TraceContext};
+pub use handler::{Context, ErrorClass, HandleError, Handler, ResultExt};
+pub use message::{Codec, DecodeError, JsonCodec, Message};
+pub use outcome::{AckReason, DeadLetterReason, Outcome};
+pub use router::{Router, RouterBuilder};
+pub use runtime::{Consumer, ConsumerBuilder, ConsumerHandle, Incoming, Publisher, ShutdownReport};
+pub use transport::{
+    BoxError, Capabilities, DeadLetterInfo, Delivery, DeliveryGuarantee, DeliveryStream,
+    OrderingSupport, QueueSpec, Settlement, Settler, SubscribeOptions, Support,
+    TopicSpec, Topology, Transport, TransportError, TransportErrorKind,
+};
+
+/// Header names switchyard itself writes; adapters map them onto the wire.
+pub mod header_names {
+    /// Why a message was dead-lettered (a [`DeadLetterReason`](crate::DeadLetterReason) string).
+    pub const DEAD_LETTER_REASON: &str = "switchyard-dead-letter-reason";
+    /// The error text that led to dead-lettering.
+    pub const DEAD_LETTER_DETAIL: &str = "switchyard-dead-letter-detail";
+    /// How many handler attempts were made before dead-lettering.
+    pub const DEAD_LETTER_ATTEMPTS: &str = "switchyard-dead-letter-attempts";
+    /// The source (queue or subscription) the message was dead-lettered from.
+    pub const DEAD_LETTER_SOURCE: &str = "switchyard-dead-letter-source";
+    /// When the message was dead-lettered (RFC 3339).
+    pub const DEAD_LETTER_AT: &str = "switchyard-dead-letter-at";
+}

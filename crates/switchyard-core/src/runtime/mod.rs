@@ -1,0 +1,36 @@
+//! The consumer runtime: pulls deliveries with bounded concurrency, runs the
+//! pipeline, settles from its outcome, extends leases and drains on shutdown.
+
+mod consumer;
+mod publisher;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::Envelope;
+
+pub use consumer::{Consumer, ConsumerBuilder, ConsumerHandle, ConsumerStats, ShutdownReport};
+pub use publisher::Publisher;
+
+/// The request that flows through the middleware pipeline to the router:
+/// one delivery, without its settlement handle (the runtime keeps that).
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    /// The message.
+    pub envelope: Arc<Envelope>,
+    /// Which attempt this is, starting at 1.
+    pub attempt: u32,
+    /// The attempt budget of the consumer.
+    pub max_attempts: u32,
+    /// When the delivery was received from the broker.
+    pub received_at: Instant,
+    /// Cancelled when the handler should stop; layers may replace it with a
+    /// child token of their own.
+    pub cancel: CancellationToken,
+    /// Publishes on the consumer's transport.
+    pub publisher: Publisher,
+    /// The source the delivery came from.
+    pub source: Arc<str>,
+}

@@ -1,0 +1,607 @@
+//! What a broker adapter provides: publishing, subscribing, settlement and a
+//! truthful statement of what the broker can do.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::stream::BoxStream;
+
+use crate::envelope::{Envelope, Headers};
+use crate::header_names;
+use crate::outcome::DeadLetterReason;
+
+/// A type-erased error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A boxed, sendable future; the trait methods below return it so that
+/// `Arc<dyn Transport>` works.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The deliveries of one subscription.
+pub type DeliveryStream = BoxStream<'static, Result<Delivery, TransportError>>;
+
+/// What went wrong in a transport operation, for callers to match on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportErrorKind {
+    /// The connection to the broker failed or was lost.
+    Connection,
+    /// The destination or source does not exist (or a publish was unroutable).
+    NotFound,
+    /// The message is larger than the broker accepts.
+    TooLarge,
+    /// The broker refused the operation (e.g. a negative publisher confirm).
+    Rejected,
+    /// The delivery's channel, receipt or lease is gone: it cannot be
+    /// settled any more, and the broker will redeliver it.
+    StaleDelivery,
+    /// The broker cannot do this (see [`Capabilities`]).
+    Unsupported,
+    /// The message could not be encoded.
+    Encode,
+    /// The configuration or topology is invalid.
+    Config,
+    /// The transport was shut down.
+    Closed,
+    /// The operation did not finish in time.
+    Timeout,
+    /// Anything else.
+    Other,
+}
+
+/// An error from a transport operation: a kind to match on, a message, and
+/// the underlying error. Messages never include credentials.
+pub struct TransportError {
+    kind: TransportErrorKind,
+    message: Cow<'static, str>,
+    source: Option<BoxError>,
+}
+
+impl TransportError {
+    /// An error of `kind` with a lowercase message.
+    pub fn new(kind: TransportErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        TransportError {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying error.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> TransportErrorKind {
+        self.kind
+    }
+
+    /// The message, without the source.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(src) = &self.source {
+            write!(f, ": {src}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransportError")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// How far a broker supports a feature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Support {
+    /// The broker does it itself.
+    Native,
+    /// The adapter builds it from other broker features (documented per adapter).
+    Emulated,
+    /// Not available: the conformance suite skips the matching cases.
+    Unsupported,
+}
+
+impl Support {
+    /// Native or emulated.
+    pub fn is_supported(self) -> bool {
+        !matches!(self, Support::Unsupported)
+    }
+}
+
+/// The delivery guarantee of a transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeliveryGuarantee {
+    /// Every message is delivered until settled; duplicates are possible.
+    AtLeastOnce,
+    /// A message may be lost (e.g. when no subscriber is connected or a
+    /// handler fails); never redelivered.
+    AtMostOnce,
+}
+
+/// What ordering a transport preserves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OrderingSupport {
+    /// None.
+    None,
+    /// Messages of one source arrive in publish order when one consumer
+    /// handles one message at a time (so per-key order holds too).
+    PerSource,
+    /// Messages with the same partition key arrive in publish order, even
+    /// with many in flight.
+    PerKey,
+}
+
+/// What a broker does natively, what the adapter emulates, and what it
+/// cannot do. The conformance suite holds each adapter to its declaration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// At-least-once or at-most-once.
+    pub guarantee: DeliveryGuarantee,
+    /// Whether a message may be delivered twice even when nothing fails
+    /// (e.g. SQS standard queues).
+    pub duplicates_without_failure: bool,
+    /// Unsettled deliveries (dropped, or their consumer gone) come back.
+    pub redelivery: Support,
+    /// `Settlement::Retry { delay }` holds the message back for `delay`.
+    pub delayed_retry: Support,
+    /// `Settlement::DeadLetter` moves the message to a dead-letter destination.
+    pub dead_letter: Support,
+    /// A delivery's lease can be extended while its handler runs.
+    pub lease_extension: Support,
+    /// The attempt number comes from the broker's own delivery count.
+    pub delivery_count: Support,
+    /// What ordering is preserved.
+    pub ordering: OrderingSupport,
+    /// Topics with several subscriptions, each getting every message.
+    pub fan_out: bool,
+    /// The largest payload the broker accepts, if it has a limit.
+    pub max_payload: Option<usize>,
+}
+
+impl Capabilities {
+    /// A transport that supports everything natively: at-least-once, no
+    /// spurious duplicates, per-source ordering, fan-out, no size limit.
+    /// Adapters start from this and switch off what they lack.
+    pub fn full() -> Self {
+        Capabilities {
+            guarantee: DeliveryGuarantee::AtLeastOnce,
+            duplicates_without_failure: false,
+            redelivery: Support::Native,
+            delayed_retry: Support::Native,
+            dead_letter: Support::Native,
+            lease_extension: Support::Native,
+            delivery_count: Support::Native,
+            ordering: OrderingSupport::PerSource,
+            fan_out: true,
+            max_payload: None,
+        }
+    }
+}
+
+/// How a delivery is settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done: remove it.
+    Ack,
+    /// Redeliver after `delay`; counts as an attempt.
+    Retry {
+        /// How long to hold the message back.
+        delay: Duration,
+    },
+    /// Publish to the dead-letter destination with reason metadata (confirmed
+    /// by the broker), then remove the original.
+    DeadLetter {
+        /// The classified reason.
+        reason: DeadLetterReason,
+        /// The error text.
+        detail: String,
+        /// Handler attempts made.
+        attempts: u32,
+    },
+    /// Give it back for redelivery without counting an attempt (shutdown).
+    Release,
+}
+
+/// The adapter's side of a delivery: how to settle it.
+pub trait Settler: Send + 'static {
+    /// Settles the delivery. Errors of kind
+    /// [`StaleDelivery`](TransportErrorKind::StaleDelivery) mean the broker
+    /// will redeliver it.
+    fn settle(self: Box<Self>, settlement: Settlement) -> BoxFuture<'static, Result<(), TransportError>>;
+
+    /// Extends the lease to `lease` from now.
+    fn extend(&mut self, lease: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
+        let _ = lease;
+        Box::pin(async {
+            Err(TransportError::new(
+                TransportErrorKind::Unsupported,
+                "this transport has no lease extension",
+            ))
+        })
+    }
+
+    /// When the lease runs out if nothing extends it; `None` when deliveries
+    /// have no lease.
+    fn lease_deadline(&self) -> Option<Instant> {
+        None
+    }
+}
+
+/// One message received from a broker, with the handle that settles it.
+///
+/// A delivery dropped without being settled is given back to the broker by
+/// the adapter (as after a consumer crash, it counts as an attempt).
+pub struct Delivery {
+    envelope: Arc<Envelope>,
+    attempt: u32,
+    received_at: Instant,
+    settler: Box<dyn Settler>,
+}
+
+impl Delivery {
+    /// A delivery of `envelope`, received now; `attempt` starts at 1.
+    pub fn new(envelope: Arc<Envelope>, attempt: u32, settler: Box<dyn Settler>) -> Self {
+        Delivery {
+            envelope,
+            attempt,
+            received_at: Instant::now(),
+            settler,
+        }
+    }
+
+    /// Sets when the broker handed the delivery over, if earlier than its
+    /// construction (leases count from broker receipt).
+    pub fn with_received_at(mut self, at: Instant) -> Self {
+        self.received_at = at;
+        self
+    }
+
+    /// The envelope.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// Which attempt this is, starting at 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// When the delivery was received from the broker.
+    pub fn received_at(&self) -> Instant {
+        self.received_at
+    }
+
+    /// When the lease runs out if nothing extends it.
+    pub fn lease_deadline(&self) -> Option<Instant> {
+        self.settler.lease_deadline()
+    }
+
+    /// Extends the lease to `lease` from now.
+    pub async fn extend(&mut self, lease: Duration) -> Result<(), TransportError> {
+        self.settler.extend(lease).await
+    }
+
+    /// Settles the delivery.
+    pub async fn settle(self, settlement: Settlement) -> Result<(), TransportError> {
+        self.settler.settle(settlement).await
+    }
+
+    /// Shorthand for `settle(Settlement::Ack)`.
+    pub async fn ack(self) -> Result<(), TransportError> {
+        self.settle(Settlement::Ack).await
+    }
+
+    /// Splits the delivery into envelope, attempt, receipt time and settler.
+    pub fn into_parts(self) -> (Arc<Envelope>, u32, Instant, Box<dyn Settler>) {
+        (self.envelope, self.attempt, self.received_at, self.settler)
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("envelope", &self.envelope)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Options of one subscription.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SubscribeOptions {
+    /// How many unsettled deliveries the subscription may hold at once;
+    /// the broker sends no more until some are settled.
+    pub prefetch: usize,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions { prefetch: 64 }
+    }
+}
+
+impl SubscribeOptions {
+    /// Sets the prefetch (at least 1).
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n.max(1);
+        self
+    }
+}
+
+/// A queue: competing consumers share its messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueSpec {
+    /// Its name.
+    pub name: String,
+    /// Where dead-lettered messages go (declared with it).
+    pub dead_letter: Option<String>,
+    /// How long a delivery may stay unsettled before the broker takes it
+    /// back, where the broker has such a lease.
+    pub lease: Option<Duration>,
+    /// The most messages it holds; publishers wait beyond that, where the
+    /// broker bounds queues this way.
+    pub capacity: Option<usize>,
+}
+
+impl QueueSpec {
+    /// A queue named `name`, with no dead-letter destination.
+    pub fn new(name: impl Into<String>) -> Self {
+        QueueSpec {
+            name: name.into(),
+            dead_letter: None,
+            lease: None,
+            capacity: None,
+        }
+    }
+
+    /// Sets the dead-letter destination.
+    pub fn dead_letter(mut self, destination: impl Into<String>) -> Self {
+        self.dead_letter = Some(destination.into());
+        self
+    }
+
+    /// Sets the lease.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Sets the capacity.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+}
+
+/// A topic: every subscription (a queue) gets every message published to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopicSpec {
+    /// Its name.
+    pub name: String,
+    /// The queues bound to it; declare them as queues too.
+    pub subscriptions: Vec<String>,
+}
+
+impl TopicSpec {
+    /// A topic named `name` with no subscriptions.
+    pub fn new(name: impl Into<String>) -> Self {
+        TopicSpec {
+            name: name.into(),
+            subscriptions: Vec::new(),
+        }
+    }
+
+    /// Binds the queue `queue` to this topic.
+    pub fn subscription(mut self, queue: impl Into<String>) -> Self {
+        self.subscriptions.push(queue.into());
+        self
+    }
+}
+
+/// What consumers need declared on the broker. Declaring is idempotent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Topology {
+    /// Queues (and, through them, their dead-letter queues).
+    pub queues: Vec<QueueSpec>,
+    /// Topics and their subscriptions.
+    pub topics: Vec<TopicSpec>,
+}
+
+impl Topology {
+    /// Nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a queue.
+    pub fn queue(mut self, queue: QueueSpec) -> Self {
+        self.queues.push(queue);
+        self
+    }
+
+    /// Adds a topic.
+    pub fn topic(mut self, topic: TopicSpec) -> Self {
+        self.topics.push(topic);
+        self
+    }
+}
+
+/// The reason metadata a dead-lettered message carries in its headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterInfo {
+    /// The classified reason.
+    pub reason: DeadLetterReason,
+    /// The error text.
+    pub detail: String,
+    /// Handler attempts made.
+    pub attempts: u32,
+    /// The source it was consumed from.
+    pub source: String,
+    /// When it was dead-lettered.
+    pub at: SystemTime,
+}
+
+impl DeadLetterInfo {
+    /// Longest detail kept; longer ones are cut at a character boundary.
+    pub const MAX_DETAIL: usize = 4096;
+
+    /// Writes the metadata into `headers`, replacing any a producer set.
+    pub fn write_to(&self, headers: &mut Headers) {
+        let mut detail = self.detail.as_str();
+        if detail.len() > Self::MAX_DETAIL {
+            let mut end = Self::MAX_DETAIL;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail = &detail[..end];
+        }
+        headers.insert(header_names::DEAD_LETTER_REASON, self.reason.as_str());
+        headers.insert(header_names::DEAD_LETTER_DETAIL, detail);
+        headers.insert(header_names::DEAD_LETTER_ATTEMPTS, self.attempts.to_string());
+        headers.insert(header_names::DEAD_LETTER_SOURCE, self.source.as_str());
+        headers.insert(
+            header_names::DEAD_LETTER_AT,
+            humantime::format_rfc3339_millis(self.at).to_string(),
+        );
+    }
+
+    /// Reads the metadata back; `None` if the reason header is missing.
+    pub fn read_from(headers: &Headers) -> Option<Self> {
+        let reason = DeadLetterReason::parse(headers.get(header_names::DEAD_LETTER_REASON)?);
+        Some(DeadLetterInfo {
+            reason,
+            detail: headers
+                .get(header_names::DEAD_LETTER_DETAIL)
+                .unwrap_or_default()
+                .to_owned(),
+            attempts: headers
+                .get(header_names::DEAD_LETTER_ATTEMPTS)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0),
+            source: headers
+                .get(header_names::DEAD_LETTER_SOURCE)
+                .unwrap_or_default()
+                .to_owned(),
+            at: headers
+                .get(header_names::DEAD_LETTER_AT)
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        })
+    }
+}
+
+/// A message broker, as switchyard sees it.
+///
+/// Object safe: the runtime holds an `Arc<dyn Transport>`.
+pub trait Transport: Send + Sync + 'static {
+    /// What the broker does natively, emulates, or cannot do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Declares queues, topics and dead-letter destinations (idempotent).
+    fn declare<'a>(&'a self, topology: &'a Topology) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Publishes `envelope` to `destination` (a queue or topic). Returns only
+    /// once the broker holds the message.
+    fn publish<'a>(
+        &'a self,
+        destination: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Starts consuming `source`. Dropping the stream stops consuming and
+    /// gives every delivery not yet yielded back to the broker.
+    fn subscribe<'a>(
+        &'a self,
+        source: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>>;
+}
+
+impl<T: Transport + ?Sized> Transport for Arc<T> {
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    fn declare<'a>(&'a self, topology: &'a Topology) -> BoxFuture<'a, Result<(), TransportError>> {
+        (**self).declare(topology)
+    }
+    fn publish<'a>(
+        &'a self,
+        destination: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        (**self).publish(destination, envelope)
+    }
+    fn subscribe<'a>(
+        &'a self,
+        source: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
+        (**self).subscribe(source, options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn _object_safe(_: &dyn Transport, _: &dyn Settler) {}
+
+    #[test]
+    fn dead_letter_info_round_trips_and_caps_detail() {
+        let info = DeadLetterInfo {
+            reason: DeadLetterReason::MaxAttempts,
+            detail: "é".repeat(3000),
+            attempts: 5,
+            source: "orders".into(),
+            at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+        };
+        let mut h = Headers::new();
+        h.insert(header_names::DEAD_LETTER_ATTEMPTS, "999");
+        info.write_to(&mut h);
+        let back = DeadLetterInfo::read_from(&h).unwrap();
+        assert_eq!(back.reason, info.reason);
+        assert_eq!(back.attempts, 5, "producer-set header is overwritten");
+        assert_eq!(back.source, "orders");
+        assert_eq!(back.at, info.at);
+        assert!(back.detail.len() <= DeadLetterInfo::MAX_DETAIL);
+        assert!(info.detail.starts_with(&back.detail));
+    }
+
+    #[test]
+    fn error_display_includes_source() {
+        let e = TransportError::new(TransportErrorKind::Connection, "connection lost")
+            .with_source(std::io::Error::other("reset"));
+        assert_eq!(e.to_string(), "connection lost: reset");
+        assert_eq!(e.kind(), TransportErrorKind::Connection);
+    }
+}
