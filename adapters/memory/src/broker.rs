@@ -261,7 +261,11 @@ impl Queue {
             Settlement::Ack => self.take_in_flight(tag).map(drop),
             Settlement::Retry { delay } => {
                 let mut state = self.lock();
-                let stored = state.in_flight.remove(&tag).ok_or_else(|| stale(&self.name))?.stored;
+                let stored = state
+                    .in_flight
+                    .remove(&tag)
+                    .ok_or_else(|| stale(&self.name))?
+                    .stored;
                 if delay.is_zero() {
                     state.ready.push_back(stored);
                 } else {
@@ -280,7 +284,11 @@ impl Queue {
             }
             Settlement::Release => {
                 let mut state = self.lock();
-                let mut stored = state.in_flight.remove(&tag).ok_or_else(|| stale(&self.name))?.stored;
+                let mut stored = state
+                    .in_flight
+                    .remove(&tag)
+                    .ok_or_else(|| stale(&self.name))?
+                    .stored;
                 // Not an attempt: the next delivery gets the same number.
                 stored.deliveries = stored.deliveries.saturating_sub(1);
                 state.ready.push_front(stored);
@@ -327,7 +335,10 @@ impl Queue {
     fn extend(&self, tag: u64, lease: Duration) -> Result<Instant, TransportError> {
         let mut state = self.lock();
         let deadline = Instant::now() + lease;
-        let f = state.in_flight.get_mut(&tag).ok_or_else(|| stale(&self.name))?;
+        let f = state
+            .in_flight
+            .get_mut(&tag)
+            .ok_or_else(|| stale(&self.name))?;
         if f.lease_deadline.is_none() {
             return Ok(deadline);
         }
@@ -357,7 +368,10 @@ struct MemorySettler {
 }
 
 impl Settler for MemorySettler {
-    fn settle(mut self: Box<Self>, settlement: Settlement) -> BoxFuture<'static, Result<(), TransportError>> {
+    fn settle(
+        mut self: Box<Self>,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), TransportError>> {
         self.settled = true;
         let result = self.queue.settle(self.tag, settlement);
         Box::pin(std::future::ready(result))
@@ -423,7 +437,11 @@ impl MemoryTransport {
     }
 
     fn declare_queue(&self, spec: &QueueSpec) -> Result<(), TransportError> {
-        let mut queues = self.broker.queues.write().unwrap_or_else(|p| p.into_inner());
+        let mut queues = self
+            .broker
+            .queues
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = queues.get(&spec.name) {
             let dlq_differs = spec.dead_letter.as_deref().is_some_and(|wanted| {
                 existing.dead_letter.as_ref().map(|d| &*d.name) != Some(wanted)
@@ -431,22 +449,31 @@ impl MemoryTransport {
             if dlq_differs || existing.lease != spec.lease {
                 return Err(TransportError::new(
                     TransportErrorKind::Config,
-                    format!("queue {:?} is already declared with other settings", spec.name),
+                    format!(
+                        "queue {:?} is already declared with other settings",
+                        spec.name
+                    ),
                 ));
             }
             return Ok(());
         }
-        let dlq_name = spec.dead_letter.clone().unwrap_or_else(|| default_dlq(&spec.name));
+        let dlq_name = spec
+            .dead_letter
+            .clone()
+            .unwrap_or_else(|| default_dlq(&spec.name));
         let dlq = queues
             .entry(dlq_name.clone())
-            .or_insert_with(|| {
-                Arc::new(Queue::new(dlq_name.into(), usize::MAX, None, None))
-            })
+            .or_insert_with(|| Arc::new(Queue::new(dlq_name.into(), usize::MAX, None, None)))
             .clone();
         let capacity = spec.capacity.unwrap_or(self.broker.config.default_capacity);
         queues.insert(
             spec.name.clone(),
-            Arc::new(Queue::new(spec.name.as_str().into(), capacity, spec.lease, Some(dlq))),
+            Arc::new(Queue::new(
+                spec.name.as_str().into(),
+                capacity,
+                spec.lease,
+                Some(dlq),
+            )),
         );
         Ok(())
     }
@@ -457,7 +484,12 @@ fn default_dlq(name: &str) -> String {
 }
 
 impl Queue {
-    fn new(name: Arc<str>, capacity: usize, lease: Option<Duration>, dead_letter: Option<Arc<Queue>>) -> Self {
+    fn new(
+        name: Arc<str>,
+        capacity: usize,
+        lease: Option<Duration>,
+        dead_letter: Option<Arc<Queue>>,
+    ) -> Self {
         Queue {
             name,
             capacity: capacity.max(1),
@@ -500,11 +532,18 @@ impl Transport for MemoryTransport {
                     bound.push(self.queue(s).ok_or_else(|| {
                         TransportError::new(
                             TransportErrorKind::Config,
-                            format!("topic {:?} binds queue {s:?}, which is not declared", t.name),
+                            format!(
+                                "topic {:?} binds queue {s:?}, which is not declared",
+                                t.name
+                            ),
                         )
                     })?);
                 }
-                let mut topics = self.broker.topics.write().unwrap_or_else(|p| p.into_inner());
+                let mut topics = self
+                    .broker
+                    .topics
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
                 let existing = topics.entry(t.name.clone()).or_default();
                 for q in bound {
                     if !existing.iter().any(|e| Arc::ptr_eq(e, &q)) {
@@ -517,7 +556,11 @@ impl Transport for MemoryTransport {
         Box::pin(std::future::ready(result))
     }
 
-    fn publish<'a>(&'a self, destination: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), TransportError>> {
+    fn publish<'a>(
+        &'a self,
+        destination: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
             let max = self.broker.config.max_payload;
             if envelope.payload.len() > max {
@@ -542,6 +585,14 @@ impl Transport for MemoryTransport {
                 .get(destination)
                 .cloned()
                 .ok_or_else(|| not_found(destination))?;
+            if subscribers.is_empty() {
+                return Err(TransportError::new(
+                    TransportErrorKind::NotFound,
+                    format!(
+                        "topic {destination:?} has no subscriptions: the message would be lost"
+                    ),
+                ));
+            }
             for queue in subscribers {
                 queue.publish(Arc::clone(&envelope)).await;
             }
@@ -554,26 +605,31 @@ impl Transport for MemoryTransport {
         source: &'a str,
         options: SubscribeOptions,
     ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
-        let result = self.queue(source).ok_or_else(|| not_found(source)).map(|queue| {
-            let prefetch = Arc::new(Semaphore::new(options.prefetch));
-            let deliveries = stream::unfold((queue, prefetch), |(queue, prefetch)| async move {
-                let permit = Arc::clone(&prefetch)
-                    .acquire_owned()
-                    .await
-                    .expect("the prefetch semaphore is never closed");
-                let (tag, stored, lease_deadline) = queue.next().await;
-                let settler = MemorySettler {
-                    queue: Arc::clone(&queue),
-                    tag,
-                    lease_deadline,
-                    settled: false,
-                    _prefetch: permit,
-                };
-                let delivery = Delivery::new(stored.envelope, stored.deliveries, Box::new(settler));
-                Some((Ok(delivery), (queue, prefetch)))
+        let result = self
+            .queue(source)
+            .ok_or_else(|| not_found(source))
+            .map(|queue| {
+                let prefetch = Arc::new(Semaphore::new(options.prefetch));
+                let deliveries =
+                    stream::unfold((queue, prefetch), |(queue, prefetch)| async move {
+                        let permit = Arc::clone(&prefetch)
+                            .acquire_owned()
+                            .await
+                            .expect("the prefetch semaphore is never closed");
+                        let (tag, stored, lease_deadline) = queue.next().await;
+                        let settler = MemorySettler {
+                            queue: Arc::clone(&queue),
+                            tag,
+                            lease_deadline,
+                            settled: false,
+                            _prefetch: permit,
+                        };
+                        let delivery =
+                            Delivery::new(stored.envelope, stored.deliveries, Box::new(settler));
+                        Some((Ok(delivery), (queue, prefetch)))
+                    });
+                Box::pin(deliveries) as DeliveryStream
             });
-            Box::pin(deliveries) as DeliveryStream
-        });
         Box::pin(std::future::ready(result))
     }
 }

@@ -120,7 +120,11 @@ impl fmt::Debug for Headers {
 
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
     fn from_iter<T: IntoIterator<Item = (K, V)>>(iter: T) -> Self {
-        Headers(iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+        Headers(
+            iter.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
     }
 }
 
@@ -249,13 +253,19 @@ impl fmt::Debug for Envelope {
             .field("id", &self.id)
             .field("kind", &self.kind)
             .field("schema_version", &self.schema_version)
-            .field("occurred_at", &humantime::format_rfc3339_millis(self.occurred_at))
+            .field(
+                "occurred_at",
+                &humantime::format_rfc3339_millis(self.occurred_at),
+            )
             .field("correlation_id", &self.correlation_id)
             .field("causation_id", &self.causation_id)
             .field("producer", &self.producer)
             .field("partition_key", &self.partition_key)
             .field("tenant", &self.tenant)
-            .field("deadline", &self.deadline.map(humantime::format_rfc3339_millis))
+            .field(
+                "deadline",
+                &self.deadline.map(humantime::format_rfc3339_millis),
+            )
             .field("reply_to", &self.reply_to)
             .field("trace", &self.trace)
             .field("content_type", &self.content_type)
@@ -275,7 +285,10 @@ mod tests {
         let b = MessageId::new();
         assert_ne!(a, b);
         assert!(a < b, "uuid v7 ids sort by creation time");
-        assert_eq!(uuid::Uuid::parse_str(a.as_str()).unwrap().get_version_num(), 7);
+        assert_eq!(
+            uuid::Uuid::parse_str(a.as_str()).unwrap().get_version_num(),
+            7
+        );
     }
 
     #[test]

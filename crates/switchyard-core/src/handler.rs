@@ -284,8 +284,10 @@ impl Context {
     /// Time left before the deadline: `None` without a deadline, zero once
     /// it has passed.
     pub fn remaining(&self) -> Option<Duration> {
-        self.deadline()
-            .map(|d| d.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+        self.deadline().map(|d| {
+            d.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
     }
 
     /// Cancelled when the handler should stop: the runtime's drain deadline
@@ -330,7 +332,10 @@ impl Context {
     ) -> Result<MessageId, TransportError> {
         let env = self.envelope_for(msg)?;
         let id = env.id.clone();
-        self.inner.publisher.publish_envelope(destination, env).await?;
+        self.inner
+            .publisher
+            .publish_envelope(destination, env)
+            .await?;
         Ok(id)
     }
 }

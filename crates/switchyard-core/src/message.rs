@@ -97,6 +97,8 @@ mod tests {
     #[test]
     fn decode_error_names_type_and_version() {
         let err = JsonCodec.decode::<Ping>(b"{\"n\":").unwrap_err();
-        assert!(err.to_string().starts_with("cannot decode test.ping v2 payload"));
+        assert!(err
+            .to_string()
+            .starts_with("cannot decode test.ping v2 payload"));
     }
 }

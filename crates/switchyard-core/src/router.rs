@@ -19,6 +19,9 @@ use crate::transport::BoxFuture;
 
 type RouteFn = dyn Fn(Incoming) -> BoxFuture<'static, Outcome> + Send + Sync;
 
+/// Handlers of one message type, by schema version.
+type Versions = Vec<(u32, Arc<RouteFn>)>;
+
 /// Dispatches each delivery to the handler registered for its type and
 /// schema version, decoding the payload (JSON by default).
 ///
@@ -28,7 +31,7 @@ type RouteFn = dyn Fn(Incoming) -> BoxFuture<'static, Outcome> + Send + Sync;
 /// message alone.
 #[derive(Clone)]
 pub struct Router {
-    routes: Arc<HashMap<Box<str>, Vec<(u32, Arc<RouteFn>)>>>,
+    routes: Arc<HashMap<Box<str>, Versions>>,
 }
 
 impl Router {
@@ -104,7 +107,7 @@ impl tower::Service<Incoming> for Router {
 
 /// Builds a [`Router`].
 pub struct RouterBuilder {
-    routes: HashMap<Box<str>, Vec<(u32, Arc<RouteFn>)>>,
+    routes: HashMap<Box<str>, Versions>,
 }
 
 impl RouterBuilder {

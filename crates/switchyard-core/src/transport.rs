@@ -234,7 +234,10 @@ pub trait Settler: Send + 'static {
     /// Settles the delivery. Errors of kind
     /// [`StaleDelivery`](TransportErrorKind::StaleDelivery) mean the broker
     /// will redeliver it.
-    fn settle(self: Box<Self>, settlement: Settlement) -> BoxFuture<'static, Result<(), TransportError>>;
+    fn settle(
+        self: Box<Self>,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), TransportError>>;
 
     /// Extends the lease to `lease` from now.
     fn extend(&mut self, lease: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
@@ -487,7 +490,10 @@ impl DeadLetterInfo {
         }
         headers.insert(header_names::DEAD_LETTER_REASON, self.reason.as_str());
         headers.insert(header_names::DEAD_LETTER_DETAIL, detail);
-        headers.insert(header_names::DEAD_LETTER_ATTEMPTS, self.attempts.to_string());
+        headers.insert(
+            header_names::DEAD_LETTER_ATTEMPTS,
+            self.attempts.to_string(),
+        );
         headers.insert(header_names::DEAD_LETTER_SOURCE, self.source.as_str());
         headers.insert(
             header_names::DEAD_LETTER_AT,

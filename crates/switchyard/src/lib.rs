@@ -47,3 +47,13 @@ pub use switchyard_core::*;
 pub mod memory {
     pub use switchyard_memory::*;
 }
+
+/// The README's code, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
+/// The architecture guide's code, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/architecture.md")]
+pub struct ArchitectureDoctests;

@@ -228,7 +228,10 @@ impl ConsumerHandle {
     pub async fn shutdown(self) -> Result<ShutdownReport, TransportError> {
         self.shutdown.cancel();
         self.join.await.unwrap_or_else(|e| {
-            Err(TransportError::new(TransportErrorKind::Other, "consumer task failed").with_source(e))
+            Err(
+                TransportError::new(TransportErrorKind::Other, "consumer task failed")
+                    .with_source(e),
+            )
         })
     }
 }
@@ -259,7 +262,10 @@ where
     /// Dropping this future drops every in-flight delivery unsettled: the
     /// broker redelivers them and counts an attempt, as after a crash. Use
     /// `shutdown` for a graceful stop.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<ShutdownReport, TransportError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<ShutdownReport, TransportError> {
         let shared = self.shared;
         let options = SubscribeOptions::default().prefetch(self.concurrency);
         let mut stream = shared.transport.subscribe(&shared.source, options).await?;
@@ -332,8 +338,12 @@ where
     }
 }
 
-async fn process<S>(delivery: Delivery, service: S, shared: Arc<Shared>, _permit: OwnedSemaphorePermit)
-where
+async fn process<S>(
+    delivery: Delivery,
+    service: S,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) where
     S: Service<Incoming, Response = Outcome> + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
@@ -378,9 +388,11 @@ where
     tokio::pin!(call);
 
     // Leases count from broker receipt; each extension renews the same length.
-    let lease = settler
-        .lease_deadline()
-        .map(|deadline| deadline.saturating_duration_since(received_at).max(MIN_LEASE));
+    let lease = settler.lease_deadline().map(|deadline| {
+        deadline
+            .saturating_duration_since(received_at)
+            .max(MIN_LEASE)
+    });
     let result = loop {
         let extend_at = lease.and_then(|lease| {
             settler
