@@ -599,9 +599,12 @@ async fn towers_own_layers_drop_into_the_pipeline() {
             Ok(())
         })
         .build();
+    // The first layer is outermost: ConcurrencyLimit's readiness holds
+    // messages at the broker (the runtime waits for poll_ready before it
+    // pulls), so LoadShed inside it never has to shed.
     let pipeline = ServiceBuilder::new()
+        .concurrency_limit(4)
         .load_shed()
-        .concurrency_limit(8)
         .timeout(Duration::from_millis(50))
         .service(router);
     let consumer = Consumer::builder(broker.clone(), "jobs")

@@ -1,9 +1,10 @@
 //! The broker: named queues and topics in shared memory.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::stream;
@@ -60,15 +61,45 @@ struct Broker {
     topics: RwLock<HashMap<String, Vec<Arc<Queue>>>>,
 }
 
+impl Broker {
+    fn queue(&self, name: &str) -> Option<Arc<Queue>> {
+        self.queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The queue `name`, created (unbounded, without a lease) if missing.
+    fn queue_or_create(self: &Arc<Self>, name: &str) -> Arc<Queue> {
+        let mut queues = self.queues.write().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(queues.entry(name.to_owned()).or_insert_with(|| {
+            Arc::new(Queue::new(
+                name.into(),
+                usize::MAX,
+                None,
+                None,
+                Arc::downgrade(self),
+            ))
+        }))
+    }
+}
+
 struct Queue {
     name: Arc<str>,
+    /// Most messages waiting (ready or delayed); in-flight ones are bounded
+    /// by the subscriptions' prefetch instead, so that a handler publishing
+    /// to its own full queue cannot deadlock.
     capacity: usize,
     lease: Option<Duration>,
-    dead_letter: Option<Arc<Queue>>,
+    /// Declared with the queue, or `<name>.dlq` created on first use.
+    dead_letter: OnceLock<Arc<Queue>>,
+    broker: Weak<Broker>,
     state: Mutex<QueueState>,
-    /// Woken when a message becomes ready (or delayed: waiters recompute their timer).
+    /// Woken when a message becomes ready, and when one is delayed or
+    /// leased (so that waiters arm a timer for it).
     readable: Notify,
-    /// Woken when the queue shrinks, for publishers waiting for capacity.
+    /// Woken when a full queue gets room, for waiting publishers.
     writable: Notify,
 }
 
@@ -76,10 +107,30 @@ struct Queue {
 struct QueueState {
     ready: VecDeque<Stored>,
     delayed: BinaryHeap<Reverse<Delayed>>,
-    in_flight: HashMap<u64, InFlight>,
-    leases: BinaryHeap<Reverse<(Instant, u64)>>,
+    in_flight: HashMap<u64, InFlight, BuildHasherDefault<TagHasher>>,
+    /// Lease deadlines of in-flight deliveries, removed at settlement.
+    leases: BTreeSet<(Instant, u64)>,
     next_tag: u64,
     next_seq: u64,
+}
+
+/// Delivery tags are sequential: a multiplicative hash spreads them at a
+/// fraction of SipHash's cost.
+#[derive(Default)]
+struct TagHasher(u64);
+
+impl Hasher for TagHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 #[derive(Clone)]
@@ -116,9 +167,16 @@ impl Ord for Delayed {
     }
 }
 
+/// `now + d`, saturating far in the future instead of overflowing.
+fn after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 impl QueueState {
-    fn len(&self) -> usize {
-        self.ready.len() + self.delayed.len() + self.in_flight.len()
+    /// Messages waiting for a consumer (ready or delayed).
+    fn waiting(&self) -> usize {
+        self.ready.len() + self.delayed.len()
     }
 
     /// Moves due delayed messages and expired leases to the ready list, and
@@ -131,23 +189,29 @@ impl QueueState {
             let Reverse(d) = self.delayed.pop().expect("peeked");
             self.ready.push_back(d.stored);
         }
-        while let Some(&Reverse((due, tag))) = self.leases.peek() {
+        while let Some(&(due, tag)) = self.leases.first() {
             if due > now {
                 break;
             }
-            self.leases.pop();
-            // An extended lease left an older heap entry behind: skip it.
-            if self.in_flight.get(&tag).and_then(|f| f.lease_deadline) == Some(due) {
-                let f = self.in_flight.remove(&tag).expect("checked");
+            self.leases.pop_first();
+            if let Some(f) = self.in_flight.remove(&tag) {
                 self.ready.push_front(f.stored);
             }
         }
         let next_delayed = self.delayed.peek().map(|Reverse(d)| d.due);
-        let next_lease = self.leases.peek().map(|Reverse((due, _))| *due);
+        let next_lease = self.leases.first().map(|(due, _)| *due);
         match (next_delayed, next_lease) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    fn remove_in_flight(&mut self, tag: u64) -> Option<InFlight> {
+        let f = self.in_flight.remove(&tag)?;
+        if let Some(deadline) = f.lease_deadline {
+            self.leases.remove(&(deadline, tag));
+        }
+        Some(f)
     }
 }
 
@@ -166,72 +230,135 @@ fn stale(queue: &str) -> TransportError {
 }
 
 impl Queue {
+    fn new(
+        name: Arc<str>,
+        capacity: usize,
+        lease: Option<Duration>,
+        dead_letter: Option<Arc<Queue>>,
+        broker: Weak<Broker>,
+    ) -> Self {
+        let dlq = OnceLock::new();
+        if let Some(d) = dead_letter {
+            let _ = dlq.set(d);
+        }
+        Queue {
+            name,
+            capacity: capacity.max(1),
+            lease,
+            dead_letter: dlq,
+            broker,
+            state: Mutex::default(),
+            readable: Notify::new(),
+            writable: Notify::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, QueueState> {
-        // A panic while holding the lock cannot leave the state half-updated
-        // in a way that loses messages, so poisoning is not fatal here.
+        // No code path panics half-way through an update, so a poisoned
+        // lock still guards consistent state.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push_ready(&self, stored: Stored) {
-        self.lock().ready.push_back(stored);
-        self.readable.notify_one();
+    fn dead_letter_queue(&self) -> Result<Arc<Queue>, TransportError> {
+        if let Some(dlq) = self.dead_letter.get() {
+            return Ok(Arc::clone(dlq));
+        }
+        let broker = self.broker.upgrade().ok_or_else(|| {
+            TransportError::new(TransportErrorKind::Closed, "the memory broker is gone")
+        })?;
+        let dlq = broker.queue_or_create(&default_dlq(&self.name));
+        Ok(Arc::clone(self.dead_letter.get_or_init(|| dlq)))
     }
 
-    async fn publish(&self, envelope: Arc<Envelope>) {
+    /// Appends a message if there is room; hands it back otherwise.
+    fn try_push(&self, envelope: Arc<Envelope>) -> Result<(), Arc<Envelope>> {
+        let mut state = self.lock();
+        if state.waiting() >= self.capacity {
+            return Err(envelope);
+        }
+        state.ready.push_back(Stored {
+            envelope,
+            deliveries: 0,
+        });
+        drop(state);
+        self.readable.notify_one();
+        Ok(())
+    }
+
+    async fn publish(&self, mut envelope: Arc<Envelope>) {
         loop {
+            // Fast path first: registering as a waiter takes a lock of its own.
+            envelope = match self.try_push(envelope) {
+                Ok(()) => return,
+                Err(envelope) => envelope,
+            };
             let writable = self.writable.notified();
             tokio::pin!(writable);
             writable.as_mut().enable();
-            {
-                let mut state = self.lock();
-                if state.len() < self.capacity {
-                    state.ready.push_back(Stored {
-                        envelope,
-                        deliveries: 0,
-                    });
-                    drop(state);
-                    self.readable.notify_one();
-                    return;
-                }
-            }
+            // Checked again after registering, so that room made in between
+            // is not missed.
+            envelope = match self.try_push(envelope) {
+                Ok(()) => return,
+                Err(envelope) => envelope,
+            };
             writable.await;
         }
     }
 
+    /// Takes the next ready message, or says when one may fall due.
+    fn try_take(&self) -> Result<(u64, Stored, Option<Instant>), Option<Instant>> {
+        let mut state = self.lock();
+        let timed = !state.delayed.is_empty() || !state.leases.is_empty() || self.lease.is_some();
+        let now = timed.then(Instant::now);
+        let wake_at = match now {
+            Some(now) => state.promote(now),
+            None => None,
+        };
+        let was_full = state.waiting() >= self.capacity;
+        let Some(mut stored) = state.ready.pop_front() else {
+            return Err(wake_at);
+        };
+        stored.deliveries += 1;
+        let tag = state.next_tag;
+        state.next_tag += 1;
+        let lease_deadline = match (self.lease, now) {
+            (Some(lease), Some(now)) => Some(after(now, lease)),
+            _ => None,
+        };
+        let first_lease = lease_deadline.is_some() && state.leases.is_empty();
+        if let Some(deadline) = lease_deadline {
+            state.leases.insert((deadline, tag));
+        }
+        state.in_flight.insert(
+            tag,
+            InFlight {
+                stored: stored.clone(),
+                lease_deadline,
+            },
+        );
+        drop(state);
+        if was_full {
+            self.writable.notify_one();
+        }
+        if first_lease {
+            // Waiters parked without a timer must arm one for this lease.
+            self.readable.notify_waiters();
+        }
+        Ok((tag, stored, lease_deadline))
+    }
+
     /// Takes the next ready message, waiting as long as needed.
-    async fn next(self: &Arc<Self>) -> (u64, Stored, Option<Instant>) {
+    async fn next(&self) -> (u64, Stored, Option<Instant>) {
         loop {
+            if let Ok(taken) = self.try_take() {
+                return taken;
+            }
             let readable = self.readable.notified();
             tokio::pin!(readable);
             readable.as_mut().enable();
-            let wake_at = {
-                let mut state = self.lock();
-                let now = Instant::now();
-                let wake_at = state.promote(now);
-                if let Some(mut stored) = state.ready.pop_front() {
-                    stored.deliveries += 1;
-                    let tag = state.next_tag;
-                    state.next_tag += 1;
-                    let lease_deadline = self.lease.map(|l| now + l);
-                    if let Some(deadline) = lease_deadline {
-                        state.leases.push(Reverse((deadline, tag)));
-                    }
-                    state.in_flight.insert(
-                        tag,
-                        InFlight {
-                            stored: stored.clone(),
-                            lease_deadline,
-                        },
-                    );
-                    let more = !state.ready.is_empty();
-                    drop(state);
-                    if more {
-                        // Pass the baton: another waiting consumer may take the next one.
-                        self.readable.notify_one();
-                    }
-                    return (tag, stored, lease_deadline);
-                }
-                wake_at
+            let wake_at = match self.try_take() {
+                Ok(taken) => return taken,
+                Err(wake_at) => wake_at,
             };
             match wake_at {
                 Some(at) => {
@@ -245,48 +372,42 @@ impl Queue {
         }
     }
 
-    fn take_in_flight(&self, tag: u64) -> Result<Stored, TransportError> {
-        let removed = self.lock().in_flight.remove(&tag);
-        match removed {
-            Some(f) => {
-                self.writable.notify_one();
-                Ok(f.stored)
-            }
-            None => Err(stale(&self.name)),
-        }
-    }
-
     fn settle(&self, tag: u64, settlement: Settlement) -> Result<(), TransportError> {
         match settlement {
-            Settlement::Ack => self.take_in_flight(tag).map(drop),
+            Settlement::Ack => {
+                self.lock()
+                    .remove_in_flight(tag)
+                    .ok_or_else(|| stale(&self.name))?;
+                Ok(())
+            }
             Settlement::Retry { delay } => {
                 let mut state = self.lock();
                 let stored = state
-                    .in_flight
-                    .remove(&tag)
+                    .remove_in_flight(tag)
                     .ok_or_else(|| stale(&self.name))?
                     .stored;
                 if delay.is_zero() {
                     state.ready.push_back(stored);
+                    drop(state);
+                    self.readable.notify_one();
                 } else {
                     let seq = state.next_seq;
                     state.next_seq += 1;
                     state.delayed.push(Reverse(Delayed {
-                        due: Instant::now() + delay,
+                        due: after(Instant::now(), delay),
                         seq,
                         stored,
                     }));
+                    drop(state);
+                    // Every waiter re-arms its timer for the new due time.
+                    self.readable.notify_waiters();
                 }
-                drop(state);
-                // Wake a consumer: either to take it, or to re-arm its timer.
-                self.readable.notify_one();
                 Ok(())
             }
             Settlement::Release => {
                 let mut state = self.lock();
                 let mut stored = state
-                    .in_flight
-                    .remove(&tag)
+                    .remove_in_flight(tag)
                     .ok_or_else(|| stale(&self.name))?
                     .stored;
                 // Not an attempt: the next delivery gets the same number.
@@ -301,12 +422,7 @@ impl Queue {
                 detail,
                 attempts,
             } => {
-                let dlq = self.dead_letter.as_ref().ok_or_else(|| {
-                    TransportError::new(
-                        TransportErrorKind::Config,
-                        format!("queue {:?} has no dead-letter queue", self.name),
-                    )
-                })?;
+                let dlq = self.dead_letter_queue()?;
                 let envelope = {
                     let state = self.lock();
                     let f = state.in_flight.get(&tag).ok_or_else(|| stale(&self.name))?;
@@ -321,37 +437,40 @@ impl Queue {
                     .write_to(&mut envelope.headers);
                     envelope
                 };
-                // Into the dead-letter queue first, then off this one: a
-                // failure in between leaves a copy, never a loss.
-                dlq.push_ready(Stored {
+                // Into the dead-letter queue first (it never refuses: a full
+                // one must not stop settlement), then off this one.
+                dlq.lock().ready.push_back(Stored {
                     envelope: Arc::new(envelope),
                     deliveries: 0,
                 });
-                self.take_in_flight(tag).map(drop)
+                dlq.readable.notify_one();
+                self.lock().remove_in_flight(tag);
+                Ok(())
             }
         }
     }
 
-    fn extend(&self, tag: u64, lease: Duration) -> Result<Instant, TransportError> {
+    fn extend(&self, tag: u64, lease: Duration) -> Result<Option<Instant>, TransportError> {
         let mut state = self.lock();
-        let deadline = Instant::now() + lease;
+        let deadline = after(Instant::now(), lease);
         let f = state
             .in_flight
             .get_mut(&tag)
             .ok_or_else(|| stale(&self.name))?;
-        if f.lease_deadline.is_none() {
-            return Ok(deadline);
-        }
-        f.lease_deadline = Some(deadline);
-        state.leases.push(Reverse((deadline, tag)));
-        Ok(deadline)
+        let Some(old) = f.lease_deadline.replace(deadline) else {
+            f.lease_deadline = None;
+            return Ok(None);
+        };
+        state.leases.remove(&(old, tag));
+        state.leases.insert((deadline, tag));
+        Ok(Some(deadline))
     }
 
     /// Gives back a delivery dropped unsettled: it counts as an attempt, as
     /// after a consumer crash.
     fn requeue_dropped(&self, tag: u64) {
         let mut state = self.lock();
-        if let Some(f) = state.in_flight.remove(&tag) {
+        if let Some(f) = state.remove_in_flight(tag) {
             state.ready.push_front(f.stored);
             drop(state);
             self.readable.notify_one();
@@ -372,16 +491,19 @@ impl Settler for MemorySettler {
         mut self: Box<Self>,
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
-        self.settled = true;
         let result = self.queue.settle(self.tag, settlement);
+        // A refused settlement leaves the delivery unsettled: dropping it
+        // below gives it back.
+        self.settled = match &result {
+            Ok(()) => true,
+            Err(e) => e.kind() == TransportErrorKind::StaleDelivery,
+        };
         Box::pin(std::future::ready(result))
     }
 
     fn extend(&mut self, lease: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
         let result = self.queue.extend(self.tag, lease).map(|deadline| {
-            if self.lease_deadline.is_some() {
-                self.lease_deadline = Some(deadline);
-            }
+            self.lease_deadline = deadline;
         });
         Box::pin(std::future::ready(result))
     }
@@ -419,7 +541,10 @@ impl MemoryTransport {
     /// Messages a queue holds (ready, delayed and in flight), or `None` if
     /// no such queue is declared.
     pub fn depth(&self, queue: &str) -> Option<usize> {
-        self.queue(queue).map(|q| q.lock().len())
+        self.queue(queue).map(|q| {
+            let state = q.lock();
+            state.waiting() + state.in_flight.len()
+        })
     }
 
     /// Messages of a queue that are in flight (delivered, not settled).
@@ -428,12 +553,7 @@ impl MemoryTransport {
     }
 
     fn queue(&self, name: &str) -> Option<Arc<Queue>> {
-        self.broker
-            .queues
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+        self.broker.queue(name)
     }
 
     fn declare_queue(&self, spec: &QueueSpec) -> Result<(), TransportError> {
@@ -443,10 +563,12 @@ impl MemoryTransport {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = queues.get(&spec.name) {
-            let dlq_differs = spec.dead_letter.as_deref().is_some_and(|wanted| {
-                existing.dead_letter.as_ref().map(|d| &*d.name) != Some(wanted)
-            });
-            if dlq_differs || existing.lease != spec.lease {
+            let dlq_differs = spec
+                .dead_letter
+                .as_deref()
+                .is_some_and(|wanted| existing.dead_letter.get().map(|d| &*d.name) != Some(wanted));
+            let capacity_differs = spec.capacity.is_some_and(|c| c.max(1) != existing.capacity);
+            if dlq_differs || capacity_differs || existing.lease != spec.lease {
                 return Err(TransportError::new(
                     TransportErrorKind::Config,
                     format!(
@@ -461,9 +583,18 @@ impl MemoryTransport {
             .dead_letter
             .clone()
             .unwrap_or_else(|| default_dlq(&spec.name));
+        let broker = Arc::downgrade(&self.broker);
         let dlq = queues
             .entry(dlq_name.clone())
-            .or_insert_with(|| Arc::new(Queue::new(dlq_name.into(), usize::MAX, None, None)))
+            .or_insert_with(|| {
+                Arc::new(Queue::new(
+                    dlq_name.into(),
+                    usize::MAX,
+                    None,
+                    None,
+                    broker.clone(),
+                ))
+            })
             .clone();
         let capacity = spec.capacity.unwrap_or(self.broker.config.default_capacity);
         queues.insert(
@@ -473,6 +604,7 @@ impl MemoryTransport {
                 capacity,
                 spec.lease,
                 Some(dlq),
+                broker,
             )),
         );
         Ok(())
@@ -481,25 +613,6 @@ impl MemoryTransport {
 
 fn default_dlq(name: &str) -> String {
     format!("{name}.dlq")
-}
-
-impl Queue {
-    fn new(
-        name: Arc<str>,
-        capacity: usize,
-        lease: Option<Duration>,
-        dead_letter: Option<Arc<Queue>>,
-    ) -> Self {
-        Queue {
-            name,
-            capacity: capacity.max(1),
-            lease,
-            dead_letter,
-            state: Mutex::default(),
-            readable: Notify::new(),
-            writable: Notify::new(),
-        }
-    }
 }
 
 impl fmt::Debug for MemoryTransport {

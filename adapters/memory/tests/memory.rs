@@ -41,7 +41,9 @@ async fn a_full_queue_slows_the_publisher_instead_of_buffering() {
 }
 
 #[tokio::test]
-async fn in_flight_messages_count_against_capacity() {
+async fn in_flight_messages_do_not_count_against_capacity() {
+    // A handler that publishes to its own full queue must not deadlock:
+    // capacity bounds waiting messages; prefetch bounds in-flight ones.
     let broker = MemoryTransport::with_config(MemoryConfig::default().default_capacity(1));
     broker
         .declare(&Topology::new().queue(QueueSpec::new("q")))
@@ -53,11 +55,122 @@ async fn in_flight_messages_count_against_capacity() {
         .await
         .unwrap();
     let held = stream.next().await.unwrap().unwrap();
-    let second = broker.publish("q", Envelope::new("t", "y"));
-    assert!(tokio::time::timeout(Duration::from_millis(50), second)
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        broker.publish("q", Envelope::new("t", "y")),
+    )
+    .await
+    .expect("room was made when the first message was taken")
+    .unwrap();
+    let third = broker.publish("q", Envelope::new("t", "z"));
+    assert!(tokio::time::timeout(Duration::from_millis(50), third)
         .await
         .is_err());
     held.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_waiting_subscription_gets_a_message_whose_lease_ran_out() {
+    let broker = MemoryTransport::new();
+    broker
+        .declare(&Topology::new().queue(QueueSpec::new("q").lease(Duration::from_millis(100))))
+        .await
+        .unwrap();
+    // Both subscriptions are parked, with no timer armed, before anything exists.
+    let mut a = broker
+        .subscribe("q", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let mut b = broker
+        .subscribe("q", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        let d = b.next().await.unwrap().unwrap();
+        (d.attempt(), d)
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let publish = broker.publish("q", Envelope::new("t", "x"));
+    let (held, _) = tokio::join!(
+        async {
+            tokio::select! {
+                d = a.next() => Some(d.unwrap().unwrap()),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => None,
+            }
+        },
+        publish
+    );
+    // Whoever took it first holds it unsettled; the other must get it back
+    // once the lease runs out, with nothing else happening on the queue.
+    let redelivered = match held {
+        Some(_held) => tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the parked subscription was never woken for the expired lease")
+            .unwrap(),
+        None => {
+            let (attempt, d) = tokio::time::timeout(Duration::from_secs(5), waiting)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(attempt, 1);
+            let _held = d;
+            let again = tokio::time::timeout(Duration::from_secs(5), a.next())
+                .await
+                .expect("the parked subscription was never woken for the expired lease")
+                .unwrap()
+                .unwrap();
+            (again.attempt(), again)
+        }
+    };
+    assert_eq!(redelivered.0, 2);
+}
+
+#[tokio::test]
+async fn an_enormous_retry_delay_holds_the_message_instead_of_losing_it() {
+    let broker = MemoryTransport::new();
+    broker
+        .declare(&Topology::new().queue(QueueSpec::new("q")))
+        .await
+        .unwrap();
+    broker.publish("q", Envelope::new("t", "x")).await.unwrap();
+    let mut stream = broker
+        .subscribe("q", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let d = stream.next().await.unwrap().unwrap();
+    d.settle(Settlement::Retry {
+        delay: Duration::MAX,
+    })
+    .await
+    .unwrap();
+    assert_eq!(broker.depth("q"), Some(1), "still held, delayed");
+}
+
+#[tokio::test]
+async fn dead_lettering_from_a_dead_letter_queue_creates_the_next_one() {
+    let broker = MemoryTransport::new();
+    broker
+        .declare(&Topology::new().queue(QueueSpec::new("q")))
+        .await
+        .unwrap();
+    broker
+        .publish("q.dlq", Envelope::new("t", "x"))
+        .await
+        .unwrap();
+    let mut stream = broker
+        .subscribe("q.dlq", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let d = stream.next().await.unwrap().unwrap();
+    d.settle(Settlement::DeadLetter {
+        reason: switchyard_core::DeadLetterReason::Permanent,
+        detail: "still broken".into(),
+        attempts: 1,
+    })
+    .await
+    .unwrap();
+    assert_eq!(broker.depth("q.dlq"), Some(0));
+    assert_eq!(broker.depth("q.dlq.dlq"), Some(1));
 }
 
 #[tokio::test]

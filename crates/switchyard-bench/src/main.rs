@@ -1,1 +1,313 @@
-fn main() {}
+//! Throughput of the switchyard consumer runtime against the raw transport.
+//!
+//! ```sh
+//! cargo run -p switchyard-bench --release -- memory
+//! cargo run -p switchyard-bench --release -- memory --messages 200000 --concurrency 1,8,32,128 --runs 3 --json
+//! ```
+//!
+//! For every row the bench publishes `--messages` envelopes with a small JSON
+//! payload into a fresh memory queue that holds them all (the publish rate),
+//! then consumes them until the broker holds none (the consume rate, end to
+//! end: pull, decode, handler, settlement). The `raw` row consumes through
+//! `Transport::subscribe` and `Delivery::ack` alone, one at a time; the
+//! `runtime` rows go through a `Consumer` with a `Router` and a no-op handler
+//! at each concurrency, so `vs raw` is the price of the runtime.
+//!
+//! Every row runs in a child process of its own, on a tokio runtime with two
+//! worker threads, so that its peak resident memory (`VmHWM`) is its own and
+//! no allocator state carries over from one row to the next. Rates are the
+//! median of `--runs` runs, peak memory the largest.
+
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use switchyard_bench::{broker, consume_raw, consume_runtime, payload, publish, runtime};
+
+const USAGE: &str = "\
+usage: switchyard-bench memory [options]
+
+options:
+  --messages N         messages per run (default 200000)
+  --concurrency LIST   consumer concurrency levels, comma-separated (default 1,8,32,128)
+  --payload BYTES      payload size in bytes, at least 10 (default 64)
+  --runs N             runs per row; rates are the median (default 3)
+  --json               print JSON instead of a table";
+
+/// What a row measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pipeline {
+    /// `Transport::subscribe` + `Delivery::ack`, one delivery at a time.
+    Raw,
+    /// `Consumer` + `Router` + a no-op handler at this concurrency.
+    Runtime(usize),
+}
+
+impl Pipeline {
+    fn name(self) -> &'static str {
+        match self {
+            Pipeline::Raw => "raw",
+            Pipeline::Runtime(_) => "runtime",
+        }
+    }
+
+    fn concurrency(self) -> Option<usize> {
+        match self {
+            Pipeline::Raw => None,
+            Pipeline::Runtime(n) => Some(n),
+        }
+    }
+
+    fn to_arg(self) -> String {
+        match self {
+            Pipeline::Raw => "raw".to_owned(),
+            Pipeline::Runtime(n) => n.to_string(),
+        }
+    }
+
+    fn from_arg(s: &str) -> Option<Self> {
+        match s {
+            "raw" => Some(Pipeline::Raw),
+            n => n.parse().ok().filter(|&n| n > 0).map(Pipeline::Runtime),
+        }
+    }
+}
+
+struct Options {
+    messages: u64,
+    concurrency: Vec<usize>,
+    payload: usize,
+    runs: usize,
+    json: bool,
+}
+
+fn parse_options(args: &[String]) -> Result<Options, String> {
+    let mut options = Options {
+        messages: 200_000,
+        concurrency: vec![1, 8, 32, 128],
+        payload: 64,
+        runs: 3,
+        json: false,
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--messages" => options.messages = parse_number(value("--messages")?)?,
+            "--payload" => options.payload = parse_number(value("--payload")?)?,
+            "--runs" => options.runs = parse_number(value("--runs")?)?,
+            "--concurrency" => {
+                options.concurrency = value("--concurrency")?
+                    .split(',')
+                    .map(parse_number)
+                    .collect::<Result<_, _>>()?;
+            }
+            "--json" => options.json = true,
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    if options.messages == 0 || options.runs == 0 || options.concurrency.contains(&0) {
+        return Err("--messages, --runs and every --concurrency level must be at least 1".into());
+    }
+    if options.payload < 10 {
+        return Err("--payload must be at least 10 bytes".into());
+    }
+    Ok(options)
+}
+
+fn parse_number<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.replace('_', "")
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("memory") => parse_options(&args[1..]).and_then(|o| run_table(&o)),
+        // The parent runs each row as `__row <pipeline> <messages> <payload>`.
+        Some("__row") => run_child(&args[1..]),
+        _ => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One run of one row, as a child process reports it.
+struct Run {
+    publish: Duration,
+    consume: Duration,
+    peak_kib: u64,
+}
+
+struct Row {
+    pipeline: Pipeline,
+    publish_rate: f64,
+    consume_rate: f64,
+    peak_mib: f64,
+}
+
+fn run_table(options: &Options) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let pipelines = std::iter::once(Pipeline::Raw)
+        .chain(options.concurrency.iter().map(|&n| Pipeline::Runtime(n)));
+    let mut rows = Vec::new();
+    for pipeline in pipelines {
+        let mut runs = Vec::with_capacity(options.runs);
+        for _ in 0..options.runs {
+            let output = Command::new(&exe)
+                .args(["__row", &pipeline.to_arg()])
+                .arg(options.messages.to_string())
+                .arg(options.payload.to_string())
+                .output()
+                .map_err(|e| format!("cannot run a child: {e}"))?;
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            if !output.status.success() {
+                return Err(format!(
+                    "row {pipeline:?} failed: {}{}",
+                    stdout,
+                    String::from_utf8_lossy(&output.stderr)
+                ));
+            }
+            runs.push(
+                parse_run(&stdout).ok_or_else(|| format!("cannot read child output {stdout:?}"))?,
+            );
+        }
+        let n = options.messages as f64;
+        rows.push(Row {
+            pipeline,
+            publish_rate: median(runs.iter().map(|r| n / r.publish.as_secs_f64()).collect()),
+            consume_rate: median(runs.iter().map(|r| n / r.consume.as_secs_f64()).collect()),
+            peak_mib: runs.iter().map(|r| r.peak_kib).max().unwrap_or(0) as f64 / 1024.0,
+        });
+    }
+    let raw = rows[0].consume_rate;
+    if options.json {
+        print_json(options, &rows, raw);
+    } else {
+        print_table(options, &rows, raw);
+    }
+    Ok(())
+}
+
+fn parse_run(stdout: &str) -> Option<Run> {
+    let mut fields = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("run "))?
+        .split_whitespace();
+    let mut next = || fields.next()?.parse::<u64>().ok();
+    Some(Run {
+        publish: Duration::from_nanos(next()?),
+        consume: Duration::from_nanos(next()?),
+        peak_kib: next()?,
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn print_table(options: &Options, rows: &[Row], raw: f64) {
+    println!(
+        "memory transport: {} messages of {} bytes, 2 worker threads, median of {} run(s)",
+        options.messages, options.payload, options.runs
+    );
+    println!(
+        "{:<9} {:>11} {:>14} {:>14} {:>7} {:>9}",
+        "pipeline", "concurrency", "publish msg/s", "consume msg/s", "vs raw", "peak MiB"
+    );
+    for row in rows {
+        let concurrency = row
+            .pipeline
+            .concurrency()
+            .map_or("-".to_owned(), |n| n.to_string());
+        println!(
+            "{:<9} {:>11} {:>14.0} {:>14.0} {:>7.2} {:>9.1}",
+            row.pipeline.name(),
+            concurrency,
+            row.publish_rate,
+            row.consume_rate,
+            row.consume_rate / raw,
+            row.peak_mib
+        );
+    }
+}
+
+fn print_json(options: &Options, rows: &[Row], raw: f64) {
+    let rows: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            let concurrency = row.pipeline.concurrency().map_or("null".to_owned(), |n| n.to_string());
+            format!(
+                r#"{{"pipeline":"{}","concurrency":{},"publish_per_sec":{:.0},"consume_per_sec":{:.0},"vs_raw":{:.3},"peak_mib":{:.1}}}"#,
+                row.pipeline.name(),
+                concurrency,
+                row.publish_rate,
+                row.consume_rate,
+                row.consume_rate / raw,
+                row.peak_mib
+            )
+        })
+        .collect();
+    println!(
+        r#"{{"transport":"memory","messages":{},"payload_bytes":{},"worker_threads":2,"runs":{},"rows":[{}]}}"#,
+        options.messages,
+        options.payload,
+        options.runs,
+        rows.join(",")
+    );
+}
+
+fn run_child(args: &[String]) -> Result<(), String> {
+    let [pipeline, messages, payload] = args else {
+        return Err("__row needs <pipeline> <messages> <payload>".into());
+    };
+    let pipeline = Pipeline::from_arg(pipeline).ok_or("bad pipeline")?;
+    let messages: u64 = parse_number(messages)?;
+    let payload: usize = parse_number(payload)?;
+    let runtime = runtime().map_err(|e| e.to_string())?;
+    // Everything runs on the two workers; `block_on` only waits.
+    let (publish, consume) = runtime
+        .block_on(async move { tokio::spawn(measure(pipeline, messages, payload)).await })
+        .map_err(|e| e.to_string())??;
+    drop(runtime);
+    println!(
+        "run {} {} {}",
+        publish.as_nanos(),
+        consume.as_nanos(),
+        peak_kib().unwrap_or(0)
+    );
+    Ok(())
+}
+
+/// Publishes `messages`, then consumes them through `pipeline`; returns both
+/// durations.
+async fn measure(
+    pipeline: Pipeline,
+    messages: u64,
+    payload_size: usize,
+) -> Result<(Duration, Duration), String> {
+    let capacity = usize::try_from(messages).map_err(|e| e.to_string())?;
+    let broker = broker(capacity).await?;
+    let payload = payload(payload_size);
+    let started = Instant::now();
+    publish(&broker, messages, &payload).await?;
+    let published = started.elapsed();
+    let consumed = match pipeline {
+        Pipeline::Raw => consume_raw(&broker, messages).await?,
+        Pipeline::Runtime(concurrency) => consume_runtime(&broker, messages, concurrency).await?,
+    };
+    Ok((published, consumed))
+}
+
+/// The peak resident set size of this process, in KiB.
+fn peak_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

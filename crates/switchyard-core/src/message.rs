@@ -31,7 +31,7 @@ pub trait Message: Serialize + DeserializeOwned + Send + 'static {
 
 /// A payload that could not be decoded into the expected type.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot decode {kind} v{version} payload: {source}")]
+#[error("cannot decode {kind} v{version} payload")]
 pub struct DecodeError {
     /// The message type that was expected.
     pub kind: &'static str,

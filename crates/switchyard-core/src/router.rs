@@ -69,7 +69,7 @@ impl Router {
             let mut known: Vec<u32> = versions.iter().map(|(v, _)| *v).collect();
             known.sort_unstable();
             let detail = format!(
-                "{} has no handler for schema version {} (handled: {:?})",
+                "{:?} has no handler for schema version {} (handled: {:?})",
                 env.kind, env.schema_version, known
             );
             return Box::pin(async move {

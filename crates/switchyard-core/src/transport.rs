@@ -175,8 +175,17 @@ pub struct Capabilities {
     pub dead_letter: Support,
     /// A delivery's lease can be extended while its handler runs.
     pub lease_extension: Support,
-    /// The attempt number comes from the broker's own delivery count.
+    /// The attempt number comes from the broker's own delivery count (or
+    /// the adapter's emulation of one). A transport that redelivers must
+    /// count, or retries could not be bounded: the consumer refuses to start.
     pub delivery_count: Support,
+    /// Whether `Settlement::Release` counts as a delivery on the broker (the
+    /// next delivery's attempt is one higher). Where it does, the runtime
+    /// allows one release per attempt before it calls a message poison.
+    pub release_counts_attempt: bool,
+    /// The longest delay `Settlement::Retry` can hold a message back; the
+    /// runtime caps retry delays at it.
+    pub max_retry_delay: Option<Duration>,
     /// What ordering is preserved.
     pub ordering: OrderingSupport,
     /// Topics with several subscriptions, each getting every message.
@@ -198,6 +207,8 @@ impl Capabilities {
             dead_letter: Support::Native,
             lease_extension: Support::Native,
             delivery_count: Support::Native,
+            release_counts_attempt: false,
+            max_retry_delay: None,
             ordering: OrderingSupport::PerSource,
             fan_out: true,
             max_payload: None,
@@ -230,6 +241,18 @@ pub enum Settlement {
 }
 
 /// The adapter's side of a delivery: how to settle it.
+///
+/// Rules every adapter keeps (the conformance suite checks them):
+/// - a delivery stays settleable after the stream that yielded it is
+///   dropped (the runtime drains in-flight work after it stops pulling);
+/// - a delivery dropped unsettled comes back, at once or when its lease
+///   runs out;
+/// - `settle` may resolve once the settlement is queued, in order, for the
+///   wire (so that acknowledgements can be coalesced, e.g. RabbitMQ
+///   `multiple=true` or SQS `DeleteMessageBatch`); a settlement lost after
+///   that shows up as a redelivery, never as a loss;
+/// - dead-lettering publishes to the dead-letter destination, confirmed by
+///   the broker, before it removes the original.
 pub trait Settler: Send + 'static {
     /// Settles the delivery. Errors of kind
     /// [`StaleDelivery`](TransportErrorKind::StaleDelivery) mean the broker
@@ -239,7 +262,10 @@ pub trait Settler: Send + 'static {
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), TransportError>>;
 
-    /// Extends the lease to `lease` from now.
+    /// Extends the lease to at least `lease` from now, rounded up to what
+    /// the broker supports (a broker that can only reset its lease to a
+    /// fixed length resets it); afterwards [`lease_deadline`](Self::lease_deadline)
+    /// reports the broker's real deadline.
     fn extend(&mut self, lease: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
         let _ = lease;
         Box::pin(async {

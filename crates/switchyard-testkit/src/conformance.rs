@@ -138,11 +138,16 @@ pub enum Case {
     /// Publishing to a destination that does not exist is an error, not a
     /// silent drop.
     UnknownDestination,
+    /// A subscription holds no more unsettled deliveries than its prefetch.
+    PrefetchIsRespected,
+    /// A delivery stays settleable after its stream is dropped (the runtime
+    /// drains in-flight work after it stops pulling).
+    SettleAfterStreamDropped,
 }
 
 impl Case {
     /// Every case, in the order the suite runs them.
-    pub const ALL: [Case; 14] = [
+    pub const ALL: [Case; 16] = [
         Case::EnvelopeRoundTrip,
         Case::PublishIsDurable,
         Case::CompetingConsumers,
@@ -157,6 +162,8 @@ impl Case {
         Case::PerKeyOrder,
         Case::LeaseExtension,
         Case::UnknownDestination,
+        Case::PrefetchIsRespected,
+        Case::SettleAfterStreamDropped,
     ];
 
     /// Why the case does not apply to a transport with `caps`, if it does not.
@@ -172,7 +179,12 @@ impl Case {
             {
                 Some("no redelivery")
             }
-            Case::AckRemoves if caps.guarantee == DeliveryGuarantee::AtMostOnce => {
+            Case::PublishIsDurable if caps.guarantee == DeliveryGuarantee::AtMostOnce => {
+                Some("at-most-once: nothing is held for a later subscriber")
+            }
+            Case::AckRemoves | Case::PrefetchIsRespected | Case::SettleAfterStreamDropped
+                if caps.guarantee == DeliveryGuarantee::AtMostOnce =>
+            {
                 Some("at-most-once: nothing to acknowledge")
             }
             Case::MaxPayload if caps.max_payload.is_none() => Some("no payload limit"),
@@ -310,7 +322,7 @@ pub async fn run_case<H: Harness>(harness: &H, case: Case) -> CaseResult {
     let run = async {
         match case {
             Case::EnvelopeRoundTrip => envelope_round_trip(&cx, &transport).await,
-            Case::PublishIsDurable => publish_is_durable(&cx, harness, transport.clone()).await,
+            Case::PublishIsDurable => publish_is_durable(&cx, harness, &transport).await,
             Case::CompetingConsumers => competing_consumers(&cx, &transport).await,
             Case::FanOut => fan_out(&cx, &transport).await,
             Case::AckRemoves => ack_removes(&cx, &transport).await,
@@ -323,6 +335,8 @@ pub async fn run_case<H: Harness>(harness: &H, case: Case) -> CaseResult {
             Case::PerKeyOrder => per_key_order(&cx, &transport).await,
             Case::LeaseExtension => lease_extension(&cx, &transport).await,
             Case::UnknownDestination => unknown_destination(&cx, &transport).await,
+            Case::PrefetchIsRespected => prefetch_is_respected(&cx, &transport).await,
+            Case::SettleAfterStreamDropped => settle_after_stream_dropped(&cx, &transport).await,
         }
     };
     match tokio::time::timeout(limit, run).await {
@@ -419,7 +433,9 @@ async fn expect_quiet(stream: &mut DeliveryStream, period: Duration, why: &str) 
             d.attempt()
         )),
         Ok(Some(Err(e))) => Err(format!("{why}, but the subscription failed: {e}")),
-        Ok(None) => Ok(()),
+        Ok(None) => Err(format!(
+            "{why}; the check could not be made because the subscription ended"
+        )),
     }
 }
 
@@ -480,8 +496,8 @@ async fn envelope_round_trip(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
         headers,
         payload: Bytes::from(payload),
     };
-    publish(t, &queue, sent.clone()).await?;
     let mut stream = subscribe(t, &queue, 1).await?;
+    publish(t, &queue, sent.clone()).await?;
     let got = recv(
         &mut stream,
         cx.config.receive_timeout,
@@ -546,19 +562,20 @@ async fn envelope_round_trip(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
     Ok(())
 }
 
-async fn publish_is_durable<H: Harness>(cx: &CaseCx, h: &H, t: H::Transport) -> CaseOutcome {
-    let queue = declare_queue(&t, QueueSpec::new(cx.name("q"))).await?;
+async fn publish_is_durable<H: Harness>(cx: &CaseCx, h: &H, reader: &H::Transport) -> CaseOutcome {
+    let queue = declare_queue(reader, QueueSpec::new(cx.name("q"))).await?;
     let n = cx.config.messages.min(100);
     let mut ids = HashSet::new();
+    // A handle of its own, dropped right after the last publish returned:
+    // whatever it had only buffered is lost with it.
+    let writer = h.connect().await;
     for i in 0..n {
         let env = numbered("conformance.durable", i);
         ids.insert(env.id.clone());
-        publish(&t, &queue, env).await?;
+        publish(&writer, &queue, env).await?;
     }
-    // The publishing handle goes away at once: whatever it had only buffered is lost.
-    drop(t);
-    let reader = h.connect().await;
-    let mut stream = subscribe(&reader, &queue, 16).await?;
+    drop(writer);
+    let mut stream = subscribe(reader, &queue, 16).await?;
     while !ids.is_empty() {
         let d = recv(
             &mut stream,
@@ -603,12 +620,11 @@ async fn competing_consumers(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
                     Ok(None) => return Ok::<_, String>(()),
                     // Quiet for a while: done once everything arrived (and no
                     // duplicate followed), or when waiting longer is pointless.
-                    Err(_)
-                        if seen.lock().unwrap().len() >= n || started.elapsed() > timeout * 4 =>
-                    {
-                        return Ok(())
+                    Err(_) => {
+                        if distinct(&seen.lock().unwrap()) >= n || started.elapsed() > timeout * 4 {
+                            return Ok(());
+                        }
                     }
-                    Err(_) => {}
                 }
             }
         }
@@ -631,7 +647,22 @@ async fn competing_consumers(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
         twice == 0 || cx.caps.duplicates_without_failure,
         "{twice} messages were delivered more than once although nothing failed"
     );
+    // Spurious duplicates are the exception, not a copy per consumer.
+    ensure!(
+        twice * 100 <= n,
+        "{twice} of {n} messages were delivered more than once: more than the 1% an at-least-once broker may duplicate"
+    );
+    for who in 0..2 {
+        ensure!(
+            seen.iter().any(|(w, _)| *w == who),
+            "consumer {who} received nothing: the two subscriptions do not share the queue"
+        );
+    }
     Ok(())
+}
+
+fn distinct(seen: &[(usize, MessageId)]) -> usize {
+    seen.iter().map(|(_, id)| id).collect::<HashSet<_>>().len()
 }
 
 async fn fan_out(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
@@ -691,12 +722,33 @@ async fn retry_with_delay(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
     let queue = declare_queue(t, QueueSpec::new(cx.name("q"))).await?;
     let sent = Envelope::new("conformance.retry", "x");
     publish(t, &queue, sent.clone()).await?;
-    let mut stream = subscribe(t, &queue, 1).await?;
+    let mut stream = subscribe(t, &queue, 4).await?;
     let first = recv(&mut stream, cx.config.receive_timeout, "the first delivery").await?;
     let first_attempt = first.attempt();
     let delay = cx.config.retry_delay;
     let settled_at = Instant::now();
     settle(first, Settlement::Retry { delay }).await?;
+    let settle_took = settled_at.elapsed();
+    ensure!(
+        settle_took < delay / 2,
+        "settling a retry took {settle_took:?}: the delay must be held by the broker, not waited out in the consumer"
+    );
+    // A message published during the delay is not held up behind it.
+    let other = Envelope::new("conformance.retry-other", "y");
+    publish(t, &queue, other).await?;
+    let next = recv(
+        &mut stream,
+        cx.config.receive_timeout + delay,
+        "the message published during the delay",
+    )
+    .await?;
+    if next.envelope().id == sent.id {
+        return Err(format!(
+            "the retried message came back after {:?}, ahead of a message published during its {delay:?} delay",
+            settled_at.elapsed()
+        ));
+    }
+    settle(next, Settlement::Ack).await?;
     let again = recv(
         &mut stream,
         cx.config.receive_timeout + delay,
@@ -724,7 +776,13 @@ async fn retry_with_delay(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
 
 async fn dead_letter_keeps_metadata(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
     let dlq = cx.name("dlq");
-    let queue = declare_queue(t, QueueSpec::new(cx.name("q")).dead_letter(&dlq)).await?;
+    let queue = declare_queue(
+        t,
+        QueueSpec::new(cx.name("q"))
+            .dead_letter(&dlq)
+            .lease(cx.config.lease),
+    )
+    .await?;
     let sent = Envelope::new("conformance.poison", Bytes::from_static(b"\x00poison\xff"))
         .with_correlation_id("corr-dl")
         .with_header("x-original", "kept");
@@ -794,11 +852,12 @@ async fn dead_letter_keeps_metadata(cx: &CaseCx, t: &impl Transport) -> CaseOutc
         age < Duration::from_secs(300),
         "dead-letter time {age:?} ago is not plausible"
     );
+    // The original is gone, not merely invisible until its lease runs out.
     drop(stream);
     let mut stream = subscribe(t, &queue, 1).await?;
     expect_quiet(
         &mut stream,
-        cx.config.quiet_period,
+        cx.config.quiet_period.max(cx.config.lease * 2),
         "the message was dead-lettered",
     )
     .await
@@ -838,6 +897,7 @@ async fn release_redelivers(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
     publish(t, &queue, sent.clone()).await?;
     let mut stream = subscribe(t, &queue, 1).await?;
     let first = recv(&mut stream, cx.config.receive_timeout, "the first delivery").await?;
+    let first_attempt = first.attempt();
     settle(first, Settlement::Release).await?;
     let again = recv(
         &mut stream,
@@ -849,6 +909,13 @@ async fn release_redelivers(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
         again.envelope().id == sent.id,
         "a different message arrived"
     );
+    if cx.expects_count() && !cx.caps.release_counts_attempt {
+        ensure!(
+            again.attempt() == first_attempt,
+            "a release counted as an attempt ({first_attempt} -> {}), though the transport declares it does not",
+            again.attempt()
+        );
+    }
     settle(again, Settlement::Ack).await
 }
 
@@ -888,7 +955,8 @@ async fn concurrent_consumption(cx: &CaseCx, t: &(impl Transport + Clone)) -> Ca
         publish(t, &queue, Envelope::new(Ping::TYPE, payload)).await?;
     }
     let deadline = Instant::now() + cx.config.receive_timeout * 4;
-    while consumer.stats().acked() < n as u64 && Instant::now() < deadline {
+    let distinct_handled = || handled.lock().unwrap().iter().collect::<HashSet<_>>().len();
+    while distinct_handled() < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Give stray duplicates a chance to show.
@@ -915,7 +983,7 @@ async fn concurrent_consumption(cx: &CaseCx, t: &(impl Transport + Clone)) -> Ca
         report.acked
     );
     ensure!(
-        report.dead_lettered == 0 && report.retried == 0,
+        report.dead_lettered == 0 && report.retried == 0 && report.settle_failed == 0,
         "unexpected failures: {report:?}"
     );
     Ok(())
@@ -924,12 +992,16 @@ async fn concurrent_consumption(cx: &CaseCx, t: &(impl Transport + Clone)) -> Ca
 async fn max_payload(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
     let max = cx.caps.max_payload.expect("skipped without a limit");
     let queue = declare_queue(t, QueueSpec::new(cx.name("q"))).await?;
+    let mut stream = subscribe(t, &queue, 1).await?;
     let at_max = Bytes::from(vec![b'm'; max]);
-    publish(t, &queue, Envelope::new("conformance.max", at_max.clone()))
-        .await
-        .map_err(|e| {
-            format!("a payload of exactly the declared maximum ({max} bytes) was refused: {e}")
-        })?;
+    // With ordinary metadata: the declared limit must hold for real messages.
+    let envelope = Envelope::new("conformance.max", at_max.clone())
+        .with_correlation_id("corr-max")
+        .with_header("x-tenant-region", "eu-west")
+        .with_header("x-request", "r-0001");
+    publish(t, &queue, envelope).await.map_err(|e| {
+        format!("a payload of exactly the declared maximum ({max} bytes) was refused: {e}")
+    })?;
     match t
         .publish(
             &queue,
@@ -949,7 +1021,6 @@ async fn max_payload(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
             e.kind()
         ),
     }
-    let mut stream = subscribe(t, &queue, 1).await?;
     let d = recv(
         &mut stream,
         cx.config.receive_timeout,
@@ -987,6 +1058,12 @@ async fn per_key_order(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
         )
         .await?;
         let seq = seq_of(&d)?;
+        if cx.caps.ordering == OrderingSupport::PerSource {
+            ensure!(
+                seq == received,
+                "message {seq} arrived in position {received}: the source is not in publish order"
+            );
+        }
         let key = d
             .envelope()
             .partition_key
@@ -1038,19 +1115,28 @@ async fn lease_extension(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
             again.attempt()
         );
     }
-    settle(again, Settlement::Ack).await?;
-    // The first holder's settlement comes too late; any error must be typed,
-    // never a panic or a hang.
-    if let Ok(Err(e)) =
-        tokio::time::timeout(cx.config.receive_timeout, held.settle(Settlement::Ack)).await
-    {
-        ensure!(
+    // The first holder's settlement comes too late: a typed error (or a
+    // harmless success), never a hang, and it must not remove the copy that
+    // is now in someone else's hands.
+    match tokio::time::timeout(cx.config.receive_timeout, held.settle(Settlement::Ack)).await {
+        Err(_) => return Err("settling a delivery whose lease had run out hung".into()),
+        Ok(Err(e)) => ensure!(
             e.kind() == TransportErrorKind::StaleDelivery,
             "settling an expired delivery failed with kind {:?}, not StaleDelivery: {e}",
             e.kind()
-        );
+        ),
+        Ok(Ok(())) => {}
     }
-    Ok(())
+    settle(again, Settlement::Release).await?;
+    let last = recv(
+        &mut other,
+        cx.config.receive_timeout,
+        "the message after the stale ack",
+    )
+    .await
+    .map_err(|e| format!("a stale ack removed the redelivered copy: {e}"))?;
+    ensure!(last.envelope().id == sent.id, "a different message arrived");
+    settle(last, Settlement::Ack).await
 }
 
 async fn unknown_destination(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
@@ -1071,4 +1157,54 @@ async fn unknown_destination(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
             Ok(())
         }
     }
+}
+
+async fn prefetch_is_respected(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
+    let queue = declare_queue(t, QueueSpec::new(cx.name("q"))).await?;
+    for i in 0..5 {
+        publish(t, &queue, numbered("conformance.prefetch", i)).await?;
+    }
+    let mut stream = subscribe(t, &queue, 2).await?;
+    let a = recv(&mut stream, cx.config.receive_timeout, "the first delivery").await?;
+    let b = recv(
+        &mut stream,
+        cx.config.receive_timeout,
+        "the second delivery",
+    )
+    .await?;
+    expect_quiet(
+        &mut stream,
+        cx.config.quiet_period,
+        "two deliveries were unsettled with a prefetch of 2",
+    )
+    .await?;
+    settle(a, Settlement::Ack).await?;
+    let c = recv(
+        &mut stream,
+        cx.config.receive_timeout,
+        "a delivery once one was settled",
+    )
+    .await?;
+    for d in [b, c] {
+        settle(d, Settlement::Ack).await?;
+    }
+    Ok(())
+}
+
+async fn settle_after_stream_dropped(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
+    let queue = declare_queue(t, QueueSpec::new(cx.name("q")).lease(cx.config.lease)).await?;
+    publish(t, &queue, Envelope::new("conformance.drained", "x")).await?;
+    let mut stream = subscribe(t, &queue, 1).await?;
+    let d = recv(&mut stream, cx.config.receive_timeout, "the message").await?;
+    drop(stream);
+    d.settle(Settlement::Ack)
+        .await
+        .map_err(|e| format!("acknowledging after the stream was dropped: {e}"))?;
+    let mut stream = subscribe(t, &queue, 1).await?;
+    expect_quiet(
+        &mut stream,
+        cx.config.quiet_period.max(cx.config.lease * 2),
+        "the message was acknowledged after its stream was dropped",
+    )
+    .await
 }

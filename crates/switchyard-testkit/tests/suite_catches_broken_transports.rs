@@ -19,6 +19,8 @@ use switchyard_testkit::{run_case, Case, CaseResult, Harness, SuiteConfig};
 enum Defect {
     /// Retry { delay } redelivers at once.
     IgnoresRetryDelay,
+    /// Waits out a retry delay inside `settle`, then redelivers at once.
+    SleepsInSettle,
     /// DeadLetter acknowledges instead: the message is lost.
     DeadLetterDrops,
     /// Ack does nothing; the message comes back.
@@ -50,6 +52,17 @@ impl Settler for BrokenSettler {
         self: Box<Self>,
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
+        if let (Defect::SleepsInSettle, Settlement::Retry { delay }) = (self.defect, &settlement) {
+            let delay = *delay;
+            return Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                self.inner
+                    .settle(Settlement::Retry {
+                        delay: Duration::ZERO,
+                    })
+                    .await
+            });
+        }
         let settlement = match (self.defect, settlement) {
             (Defect::IgnoresRetryDelay, Settlement::Retry { .. }) => Settlement::Retry {
                 delay: Duration::ZERO,
@@ -171,7 +184,17 @@ async fn ignoring_the_retry_delay_fails_retry_with_delay() {
     assert_fails(
         Defect::IgnoresRetryDelay,
         Case::RetryWithDelay,
-        "sooner than",
+        "ahead of a message published during",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_out_the_delay_in_the_consumer_fails_retry_with_delay() {
+    assert_fails(
+        Defect::SleepsInSettle,
+        Case::RetryWithDelay,
+        "not waited out in the consumer",
     )
     .await;
 }
@@ -243,7 +266,7 @@ async fn the_unbroken_cases_still_pass_through_the_wrapper() {
     // The wrapper itself is faithful: with a defect that does not touch a
     // case, that case passes.
     assert_eq!(
-        result_with(Defect::AckIsRelease, Case::RetryWithDelay).await,
+        result_with(Defect::DeadLetterDrops, Case::RetryWithDelay).await,
         CaseResult::Passed
     );
     assert_eq!(

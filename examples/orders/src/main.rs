@@ -1,1 +1,555 @@
-fn main() {}
+//! The orders demo: events, commands, retries and dead-letters on the
+//! in-process memory transport. No broker needed:
+//!
+//! ```sh
+//! cargo run -p example-orders
+//! # and to watch the runtime's own decisions:
+//! RUST_LOG=switchyard_core=debug cargo run -p example-orders
+//! ```
+//!
+//! - An `OrderPlaced` event goes to the topic `orders.events`, which fans out
+//!   to two queues; billing and shipping each consume their own copy.
+//! - `ReserveInventory` commands go to the queue `inventory.commands`. Their
+//!   handler publishes `InventoryReserved`; the correlation and causation
+//!   ids are stamped on the event for it.
+//! - Among the commands: one sent twice (handled once), one that succeeds on
+//!   its third attempt, one that never does, one past its deadline and one
+//!   that is not even JSON. The summary shows where each of them ended up.
+//!
+//! The program checks its own outcome and exits non-zero if anything differs.
+
+use std::collections::{BTreeMap, HashSet};
+use std::error::Error;
+use std::fmt::Debug;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use switchyard::memory::MemoryTransport;
+use switchyard::{
+    Codec, Consumer, ConsumerHandle, Context, DeadLetterInfo, DeadLetterReason, Envelope,
+    HandleError, Handler, JsonCodec, Message, MessageId, Publisher, QueueSpec, Router,
+    SubscribeOptions, TopicSpec, Topology, Transport, TransportError,
+};
+use tracing_subscriber::EnvFilter;
+
+// ---- the messages ---------------------------------------------------------
+
+/// An event: a customer placed an order.
+#[derive(Debug, Serialize, Deserialize)]
+struct OrderPlaced {
+    order_id: String,
+    total_cents: u64,
+}
+
+impl Message for OrderPlaced {
+    const TYPE: &'static str = "orders.order-placed";
+}
+
+/// A command: set stock aside for an order.
+#[derive(Debug, Serialize, Deserialize)]
+struct ReserveInventory {
+    order_id: String,
+    sku: String,
+    quantity: u32,
+}
+
+impl Message for ReserveInventory {
+    const TYPE: &'static str = "inventory.reserve-inventory";
+}
+
+/// An event: stock was set aside for an order.
+#[derive(Debug, Serialize, Deserialize)]
+struct InventoryReserved {
+    order_id: String,
+    sku: String,
+    quantity: u32,
+}
+
+impl Message for InventoryReserved {
+    const TYPE: &'static str = "inventory.inventory-reserved";
+}
+
+// ---- the topology ---------------------------------------------------------
+
+/// Topic of the orders service's events.
+const ORDER_EVENTS: &str = "orders.events";
+/// Billing's subscription to `OrderPlaced`.
+const BILLING: &str = "billing.order-placed";
+/// Shipping's subscription to `OrderPlaced`.
+const SHIPPING: &str = "shipping.order-placed";
+/// The inventory service's command queue. The memory transport gives every
+/// queue a dead-letter queue named `<queue>.dlq`.
+const INVENTORY_COMMANDS: &str = "inventory.commands";
+/// Topic of the inventory service's events.
+const INVENTORY_EVENTS: &str = "inventory.events";
+/// Shipping's subscription to `InventoryReserved`.
+const SHIPPING_RESERVED: &str = "shipping.inventory-reserved";
+
+// ---- the handlers ---------------------------------------------------------
+
+/// Billing: a plain `async fn` is a handler.
+async fn charge_payment(order: OrderPlaced, _cx: Context) -> Result<(), HandleError> {
+    let (euros, cents) = (order.total_cents / 100, order.total_cents % 100);
+    println!(
+        "  billing    charged {euros}.{cents:02} EUR for {}",
+        order.order_id
+    );
+    Ok(())
+}
+
+/// Shipping: gets its own copy of the same `OrderPlaced`.
+async fn open_shipment(order: OrderPlaced, _cx: Context) -> Result<(), HandleError> {
+    println!("  shipping   opened a shipment for {}", order.order_id);
+    Ok(())
+}
+
+/// The inventory service's handler of `ReserveInventory`. Clones share what
+/// it did, which `main` reads for the summary.
+#[derive(Clone, Default)]
+struct Inventory {
+    state: Arc<Mutex<InventoryState>>,
+}
+
+#[derive(Default)]
+struct InventoryState {
+    /// Ids of the commands handled, or being handled right now.
+    claimed: HashSet<MessageId>,
+    /// Order id -> the attempt on which its stock was reserved.
+    reserved: BTreeMap<String, u32>,
+    /// Order id -> the attempts that failed.
+    failed: BTreeMap<String, Vec<u32>>,
+    /// Orders of commands skipped as duplicates.
+    duplicates: Vec<String>,
+}
+
+impl Inventory {
+    fn state(&self) -> MutexGuard<'_, InventoryState> {
+        self.state
+            .lock()
+            .expect("no handler panics while holding the lock")
+    }
+
+    async fn reserve(&self, cmd: &ReserveInventory, cx: &Context) -> Result<(), HandleError> {
+        call_warehouse(&cmd.sku, cx.attempt())?;
+        // Published through the context, the event continues the command's
+        // conversation: same correlation id, and the command's id as its
+        // causation id.
+        let event = InventoryReserved {
+            order_id: cmd.order_id.clone(),
+            sku: cmd.sku.clone(),
+            quantity: cmd.quantity,
+        };
+        cx.publish(INVENTORY_EVENTS, &event).await?;
+        Ok(())
+    }
+}
+
+impl Handler<ReserveInventory> for Inventory {
+    async fn handle(&self, cmd: ReserveInventory, cx: &Context) -> Result<(), HandleError> {
+        // Work nobody waits for any more is not started. The deadline
+        // middleware (coming later) will do this for every handler.
+        if cx.remaining() == Some(Duration::ZERO) {
+            return Err(
+                HandleError::permanent("deadline passed").with_reason(DeadLetterReason::Expired)
+            );
+        }
+
+        // Brokers deliver at least once, so the same command can arrive twice.
+        // Claiming its id first means a second copy, even one running right
+        // now, is acknowledged without reserving again. The dedupe middleware
+        // (coming later) will do this generically, with a shared store.
+        let first_copy = self.state().claimed.insert(cx.message_id().clone());
+        if !first_copy {
+            self.state().duplicates.push(cmd.order_id);
+            return Ok(());
+        }
+
+        let result = self.reserve(&cmd, cx).await;
+        let mut state = self.state();
+        match &result {
+            Ok(()) => {
+                state.reserved.insert(cmd.order_id, cx.attempt());
+            }
+            Err(_) => {
+                // Give the claim back: the runtime retries or dead-letters it.
+                state.claimed.remove(cx.message_id());
+                state
+                    .failed
+                    .entry(cmd.order_id)
+                    .or_default()
+                    .push(cx.attempt());
+            }
+        }
+        result
+    }
+}
+
+/// Stands in for the warehouse's API: the warehouse of `sku-flaky` times out
+/// twice before answering, the one of `sku-offline` never answers.
+fn call_warehouse(sku: &str, attempt: u32) -> Result<(), HandleError> {
+    let try_again_soon =
+        |why: &'static str| HandleError::transient(why).with_retry_after(Duration::from_millis(50));
+    match sku {
+        "sku-flaky" if attempt < 3 => Err(try_again_soon("warehouse timed out")),
+        "sku-offline" => Err(try_again_soon("warehouse unreachable")),
+        _ => Ok(()),
+    }
+}
+
+/// Shipping's handler of `InventoryReserved`; keeps what it saw for the
+/// self-check.
+#[derive(Clone, Default)]
+struct ReservationsSeen {
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+struct Seen {
+    order_id: String,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+}
+
+impl Handler<InventoryReserved> for ReservationsSeen {
+    async fn handle(&self, event: InventoryReserved, cx: &Context) -> Result<(), HandleError> {
+        println!(
+            "  shipping   stock reserved for {}: correlation {}, causation ..{}",
+            event.order_id,
+            cx.correlation_id().unwrap_or("-"),
+            cx.causation_id().map(short_id).unwrap_or("-"),
+        );
+        self.seen.lock().expect("not poisoned").push(Seen {
+            order_id: event.order_id,
+            correlation_id: cx.correlation_id().map(str::to_owned),
+            causation_id: cx.causation_id().map(str::to_owned),
+        });
+        Ok(())
+    }
+}
+
+// ---- the demo -------------------------------------------------------------
+
+/// What each consumer must have done once everything settled:
+/// (source, acked, retried, dead-lettered).
+const EXPECTED: [(&str, u64, u64, u64); 4] = [
+    (BILLING, 1, 0, 0),
+    (SHIPPING, 1, 0, 0),
+    // Acked: order-1001, its duplicate, order-1002 on attempt 3.
+    // Retried: order-1002 and order-1003, twice each.
+    // Dead-lettered: order-1003 (attempts), order-1004 (expired), the malformed one.
+    (INVENTORY_COMMANDS, 3, 4, 3),
+    (SHIPPING_RESERVED, 2, 0, 0),
+];
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // The runtime logs a warning for every dead-letter; this demo causes
+    // three on purpose and prints them in its summary instead.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    match run().await {
+        Ok(problems) if problems.is_empty() => {
+            println!("ok: every message ended up where it should");
+            ExitCode::SUCCESS
+        }
+        Ok(problems) => {
+            for problem in problems {
+                eprintln!("UNEXPECTED: {problem}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("the demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the demo; returns what differed from the expected outcome.
+async fn run() -> Result<Vec<String>, Box<dyn Error>> {
+    let mut problems = Vec::new();
+    let broker = MemoryTransport::new();
+    let topology = Topology::new()
+        .queue(QueueSpec::new(BILLING))
+        .queue(QueueSpec::new(SHIPPING))
+        .queue(QueueSpec::new(INVENTORY_COMMANDS))
+        .queue(QueueSpec::new(SHIPPING_RESERVED))
+        .topic(
+            TopicSpec::new(ORDER_EVENTS)
+                .subscription(BILLING)
+                .subscription(SHIPPING),
+        )
+        .topic(TopicSpec::new(INVENTORY_EVENTS).subscription(SHIPPING_RESERVED));
+    broker.declare(&topology).await?;
+
+    // 1. Publish everything first; the messages wait in their queues.
+    println!("publish");
+    let publisher = Publisher::new(Arc::new(broker.clone()));
+    let order = OrderPlaced {
+        order_id: "order-1001".into(),
+        total_cents: 4990,
+    };
+    publisher.publish(ORDER_EVENTS, &order).await?;
+    println!("  OrderPlaced order-1001 -> topic {ORDER_EVENTS} (-> {BILLING}, {SHIPPING})");
+
+    let mut command_ids = BTreeMap::new();
+    for (order_id, sku, note) in [
+        ("order-1001", "sku-desk", "sent twice with the same id"),
+        ("order-1002", "sku-flaky", "its warehouse times out twice"),
+        ("order-1003", "sku-offline", "its warehouse is down"),
+    ] {
+        let command = reserve_inventory(&publisher, order_id, sku)?;
+        let id = short_id(command.id.as_str()).to_owned();
+        command_ids.insert(order_id, command.id.clone());
+        publisher
+            .publish_envelope(INVENTORY_COMMANDS, command.clone())
+            .await?;
+        if order_id == "order-1001" {
+            // As a broker redelivery or a retrying producer would.
+            publisher
+                .publish_envelope(INVENTORY_COMMANDS, command)
+                .await?;
+        }
+        println!("  ReserveInventory {order_id} (id ..{id}) -> {INVENTORY_COMMANDS}: {note}");
+    }
+
+    let expired = reserve_inventory(&publisher, "order-1004", "sku-desk")?
+        .with_deadline(SystemTime::now() - Duration::from_secs(1));
+    publisher
+        .publish_envelope(INVENTORY_COMMANDS, expired)
+        .await?;
+    println!("  ReserveInventory order-1004 -> {INVENTORY_COMMANDS}: its deadline has passed");
+
+    // Raw envelopes bypass the typed API: this payload is not JSON at all.
+    let malformed = Envelope::new(ReserveInventory::TYPE, r#"{"order_id": "order-10"#);
+    broker.publish(INVENTORY_COMMANDS, malformed).await?;
+    println!(
+        "  {} with a cut-off payload -> {INVENTORY_COMMANDS}",
+        ReserveInventory::TYPE
+    );
+
+    // 2. Consume: one consumer per queue, each with its own router.
+    println!("consume");
+    let inventory = Inventory::default();
+    let reservations = ReservationsSeen::default();
+    let consumers: Vec<ConsumerHandle> = vec![
+        Consumer::builder(broker.clone(), BILLING)
+            .serve(Router::builder().route(charge_payment).build())
+            .spawn(),
+        Consumer::builder(broker.clone(), SHIPPING)
+            .serve(Router::builder().route(open_shipment).build())
+            .spawn(),
+        Consumer::builder(broker.clone(), INVENTORY_COMMANDS)
+            .concurrency(4)
+            .max_attempts(3)
+            .serve(Router::builder().route(inventory.clone()).build())
+            .spawn(),
+        Consumer::builder(broker.clone(), SHIPPING_RESERVED)
+            .serve(Router::builder().route(reservations.clone()).build())
+            .spawn(),
+    ];
+
+    // Wait until every consumer has settled what it should (bounded).
+    let all_settled = wait_until(Duration::from_secs(5), || {
+        consumers
+            .iter()
+            .zip(EXPECTED)
+            .all(|(c, (_, acked, retried, dead))| {
+                let s = c.stats();
+                s.acked() >= acked && s.retried() >= retried && s.dead_lettered() >= dead
+            })
+    })
+    .await;
+    if !all_settled {
+        problems.push("not everything settled within 5 s".to_owned());
+    }
+
+    // 3. Shut down gracefully: stop pulling, finish in-flight work.
+    println!("summary");
+    for (consumer, (source, acked, retried, dead)) in consumers.into_iter().zip(EXPECTED) {
+        let r = consumer.shutdown().await?;
+        println!(
+            "  {source:<28} received {:>2}, acked {}, retried {}, dead-lettered {}",
+            r.received, r.acked, r.retried, r.dead_lettered
+        );
+        if (r.acked, r.retried, r.dead_lettered) != (acked, retried, dead) {
+            problems.push(format!("{source}: {r:?}"));
+        }
+        if r.received != r.acked + r.retried + r.dead_lettered || r.released + r.settle_failed != 0
+        {
+            problems.push(format!("{source}: unexpected report {r:?}"));
+        }
+    }
+
+    report_inventory(&inventory, &mut problems);
+    check_conversations(&reservations, &command_ids, &mut problems);
+
+    // 4. Read the dead-letter queue: each message carries why it is there.
+    report_dead_letters(&broker, &mut problems).await?;
+
+    // Nothing is left behind anywhere.
+    for queue in [BILLING, SHIPPING, INVENTORY_COMMANDS, SHIPPING_RESERVED] {
+        for name in [queue.to_owned(), format!("{queue}.dlq")] {
+            if broker.depth(&name) != Some(0) {
+                problems.push(format!("{name} is not empty: {:?}", broker.depth(&name)));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Prints what the inventory handler reserved, retried and skipped.
+fn report_inventory(inventory: &Inventory, problems: &mut Vec<String>) {
+    let state = inventory.state();
+    for (order_id, attempt) in &state.reserved {
+        println!("  reserved   {order_id} on attempt {attempt}");
+    }
+    for (order_id, attempts) in &state.failed {
+        let then = match state.reserved.get(order_id) {
+            Some(ok) => format!("reserved on attempt {ok}"),
+            None => "gave up".to_owned(),
+        };
+        println!("  retried    {order_id}: attempts {attempts:?} failed, then {then}");
+    }
+    for order_id in &state.duplicates {
+        println!("  duplicate  {order_id}: the second copy was acked without reserving again");
+    }
+
+    let reserved = BTreeMap::from([("order-1001".to_owned(), 1), ("order-1002".to_owned(), 3)]);
+    expect(problems, "reserved", &state.reserved, &reserved);
+    let failed = BTreeMap::from([
+        ("order-1002".to_owned(), vec![1, 2]),
+        ("order-1003".to_owned(), vec![1, 2, 3]),
+    ]);
+    expect(problems, "failed attempts", &state.failed, &failed);
+    expect(
+        problems,
+        "duplicates",
+        &state.duplicates,
+        &vec!["order-1001".to_owned()],
+    );
+}
+
+/// Checks that every `InventoryReserved` continued its command's
+/// conversation: same correlation id, the command's id as causation id.
+fn check_conversations(
+    reservations: &ReservationsSeen,
+    command_ids: &BTreeMap<&str, MessageId>,
+    problems: &mut Vec<String>,
+) {
+    for seen in reservations.seen.lock().expect("not poisoned").iter() {
+        let correlation = format!("checkout-{}", seen.order_id);
+        let causation = command_ids
+            .get(seen.order_id.as_str())
+            .map(MessageId::as_str);
+        if seen.correlation_id.as_deref() != Some(&correlation)
+            || seen.causation_id.as_deref() != causation
+        {
+            problems.push(format!("{}: ids not stamped as expected", seen.order_id));
+        }
+    }
+}
+
+/// Takes every message out of the inventory's dead-letter queue and prints
+/// why each one is there.
+async fn report_dead_letters(
+    broker: &MemoryTransport,
+    problems: &mut Vec<String>,
+) -> Result<(), Box<dyn Error>> {
+    let dlq = format!("{INVENTORY_COMMANDS}.dlq");
+    println!("  dead-lettered to {dlq}:");
+    let mut dead_letters = drain(broker, &dlq).await?;
+    dead_letters.sort_by(|a, b| a.1.reason.as_str().cmp(b.1.reason.as_str()));
+    for (envelope, info) in &dead_letters {
+        let order_id = JsonCodec
+            .decode::<ReserveInventory>(&envelope.payload)
+            .map_or_else(|_| "(unreadable)".to_owned(), |cmd| cmd.order_id);
+        let attempts = match info.attempts {
+            1 => "1 attempt ".to_owned(),
+            n => format!("{n} attempts"),
+        };
+        let reason = info.reason.as_str();
+        println!(
+            "    {reason:<13} {order_id:<12} after {attempts}: {}",
+            info.detail
+        );
+    }
+
+    let reasons: Vec<_> = dead_letters
+        .iter()
+        .map(|(_, info)| (info.reason.clone(), info.attempts, info.source.as_str()))
+        .collect();
+    let expected = vec![
+        (DeadLetterReason::Expired, 1, INVENTORY_COMMANDS),
+        (DeadLetterReason::Malformed, 1, INVENTORY_COMMANDS),
+        (DeadLetterReason::MaxAttempts, 3, INVENTORY_COMMANDS),
+    ];
+    expect(problems, "dead letters", &reasons, &expected);
+    Ok(())
+}
+
+/// A `ReserveInventory` envelope for `order_id`, part of the conversation
+/// `checkout-<order_id>`.
+fn reserve_inventory(
+    publisher: &Publisher,
+    order_id: &str,
+    sku: &str,
+) -> Result<Envelope, TransportError> {
+    let command = ReserveInventory {
+        order_id: order_id.into(),
+        sku: sku.into(),
+        quantity: 1,
+    };
+    Ok(publisher
+        .envelope_for(&command)?
+        .with_correlation_id(format!("checkout-{order_id}")))
+}
+
+/// Polls `done` until it holds or `timeout` passes; returns whether it held.
+async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let give_up = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() >= give_up {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
+
+/// Takes every message out of `queue` (nothing else consumes it any more),
+/// with its dead-letter metadata.
+async fn drain(
+    broker: &MemoryTransport,
+    queue: &str,
+) -> Result<Vec<(Envelope, DeadLetterInfo)>, Box<dyn Error>> {
+    let depth = broker.depth(queue).unwrap_or(0);
+    let mut deliveries = broker.subscribe(queue, SubscribeOptions::default()).await?;
+    let mut out = Vec::with_capacity(depth);
+    for _ in 0..depth {
+        let delivery = deliveries.next().await.ok_or("subscription ended")??;
+        let envelope = delivery.envelope().clone();
+        let info = DeadLetterInfo::read_from(&envelope.headers).ok_or("no dead-letter headers")?;
+        delivery.ack().await?;
+        out.push((envelope, info));
+    }
+    Ok(out)
+}
+
+/// Records a problem if `actual` is not `expected`.
+fn expect<T: PartialEq + Debug>(problems: &mut Vec<String>, what: &str, actual: &T, expected: &T) {
+    if actual != expected {
+        problems.push(format!("{what}: got {actual:?}, expected {expected:?}"));
+    }
+}
+
+/// The last 8 characters of an id: enough to tell ids apart on screen.
+fn short_id(id: &str) -> &str {
+    id.get(id.len().saturating_sub(8)..).unwrap_or(id)
+}

@@ -13,9 +13,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use super::{Incoming, Publisher};
+use crate::envelope::{Envelope, MessageId};
 use crate::outcome::{DeadLetterReason, Outcome};
 use crate::router::panic_message;
 use crate::transport::{
@@ -82,14 +83,30 @@ impl ConsumerBuilder {
     }
 
     /// Finishes the consumer with its pipeline: a [`Router`](crate::Router)
-    /// or any stack of tower layers around one. A service error (e.g. from
-    /// tower's `Timeout` or `LoadShed`) counts as a transient failure.
+    /// or any stack of tower layers around one (the first layer added is the
+    /// outermost and sees the delivery first).
+    ///
+    /// The runtime waits for the pipeline to be ready (`poll_ready`) before
+    /// it pulls the next delivery, so a layer's backpressure
+    /// (`ConcurrencyLimit`, `RateLimit`) keeps messages at the broker. The
+    /// service need not be `Clone`. An error returned for one delivery (e.g.
+    /// by tower's `Timeout` or `LoadShed`) is a transient failure of that
+    /// delivery; an error from `poll_ready` means the pipeline is broken, and
+    /// the consumer drains and stops with that error.
     pub fn serve<S>(self, service: S) -> Consumer<S>
     where
-        S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+        S: Service<Incoming, Response = Outcome> + Send + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
+        let caps = self.transport.capabilities();
+        // Where releases count as deliveries, allow one per attempt before
+        // calling a message poison.
+        let poison_threshold = if caps.release_counts_attempt {
+            self.max_attempts.saturating_mul(2)
+        } else {
+            self.max_attempts
+        };
         let mut publisher = Publisher::new(Arc::clone(&self.transport));
         if let Some(p) = &self.producer {
             publisher = publisher.with_producer(Arc::clone(p));
@@ -100,6 +117,8 @@ impl ConsumerBuilder {
                 transport: self.transport,
                 source: self.source,
                 max_attempts: self.max_attempts,
+                poison_threshold,
+                max_retry_delay: caps.max_retry_delay,
                 publisher,
                 hard_stop: CancellationToken::new(),
                 stats: ConsumerStats::default(),
@@ -114,6 +133,9 @@ struct Shared {
     transport: Arc<dyn Transport>,
     source: Arc<str>,
     max_attempts: u32,
+    /// Above this attempt number a delivery is dead-lettered unrun.
+    poison_threshold: u32,
+    max_retry_delay: Option<Duration>,
     publisher: Publisher,
     hard_stop: CancellationToken,
     stats: ConsumerStats,
@@ -145,7 +167,7 @@ impl ConsumerStats {
         acked: "Deliveries settled as acknowledged (handled, rejected, duplicate or dropped as expired).",
         retried: "Deliveries settled for a delayed retry.",
         dead_lettered: "Deliveries settled by dead-lettering.",
-        released: "Deliveries given back unsettled-as-failure at shutdown.",
+        released: "Deliveries given back at shutdown, not counted as attempts.",
         settle_failed: "Settlements the broker did not accept (the broker redelivers those)."
     );
 
@@ -171,6 +193,10 @@ pub struct ShutdownReport {
     pub settle_failed: u64,
     /// Whether in-flight work outlived the drain timeout.
     pub drain_timed_out: bool,
+    /// Deliveries that could not even be released in time after the drain
+    /// timeout (the broker redelivers them once their lease or connection
+    /// ends).
+    pub abandoned: usize,
 }
 
 /// Consumes one source through a pipeline. Built with [`Consumer::builder`].
@@ -238,7 +264,7 @@ impl ConsumerHandle {
 
 impl<S> Consumer<S>
 where
-    S: Service<Incoming, Response = Outcome> + Clone + Send + 'static,
+    S: Service<Incoming, Response = Outcome> + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
@@ -257,6 +283,11 @@ where
 
     /// Runs until `shutdown` completes, then drains.
     ///
+    /// Fails at once if the transport redelivers but cannot count deliveries
+    /// (retries could not be bounded), if the source cannot be subscribed,
+    /// and after draining if the pipeline broke or the subscription ended
+    /// without a shutdown.
+    ///
     /// # Cancel safety
     ///
     /// Dropping this future drops every in-flight delivery unsettled: the
@@ -266,20 +297,53 @@ where
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<ShutdownReport, TransportError> {
-        let shared = self.shared;
-        let options = SubscribeOptions::default().prefetch(self.concurrency);
+        let Consumer {
+            mut service,
+            shared,
+            concurrency,
+            drain_timeout,
+        } = self;
+        let caps = shared.transport.capabilities();
+        if caps.redelivery.is_supported() && !caps.delivery_count.is_supported() {
+            return Err(TransportError::new(
+                TransportErrorKind::Config,
+                "the transport redelivers but cannot count deliveries, so retries could not be bounded",
+            ));
+        }
+        let options = SubscribeOptions::default().prefetch(concurrency);
         let mut stream = shared.transport.subscribe(&shared.source, options).await?;
-        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let permits = Arc::new(Semaphore::new(concurrency));
         let tracker = TaskTracker::new();
+        let mut failure = None;
         tokio::pin!(shutdown);
-        tracing::debug!(source = %shared.source, concurrency = self.concurrency, "consumer started");
+        tracing::debug!(source = %shared.source, concurrency, "consumer started");
 
         loop {
-            let permit = tokio::select! {
+            let permit = match Arc::clone(&permits).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break,
+                    p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+                },
+            };
+            // Reserve room in the pipeline before taking a message off the broker.
+            let ready = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+                ready = std::future::poll_fn(|cx| service.poll_ready(cx).map_err(Into::<BoxError>::into)) => ready,
             };
+            if let Err(e) = ready {
+                tracing::error!(source = %shared.source, error = %e, "the pipeline failed; stopping");
+                failure = Some(
+                    TransportError::new(
+                        TransportErrorKind::Other,
+                        "the consumer's pipeline failed",
+                    )
+                    .with_source(e),
+                );
+                break;
+            }
             let next = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -288,15 +352,11 @@ where
             match next {
                 Some(Ok(delivery)) => {
                     ConsumerStats::bump(&shared.stats.received);
-                    tracker.spawn(process(
-                        delivery,
-                        self.service.clone(),
-                        Arc::clone(&shared),
-                        permit,
-                    ));
+                    let job = Job::start(delivery, &mut service, &shared);
+                    tracker.spawn(job.finish(Arc::clone(&shared), permit));
                 }
                 Some(Err(e)) if e.kind() == TransportErrorKind::Closed => {
-                    tracing::warn!(source = %shared.source, error = %e, "subscription closed");
+                    failure = Some(e);
                     break;
                 }
                 Some(Err(e)) => {
@@ -304,16 +364,23 @@ where
                     tracing::warn!(source = %shared.source, error = %e, "subscription error");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                None => break,
+                None => {
+                    failure = Some(TransportError::new(
+                        TransportErrorKind::Closed,
+                        format!("the subscription to {:?} ended", &*shared.source),
+                    ));
+                    break;
+                }
             }
         }
 
-        // Stop pulling: the adapter gives back whatever it had prefetched.
+        // Stop pulling. Deliveries already yielded stay settleable.
         drop(stream);
         tracker.close();
-        let drain_timed_out = tokio::time::timeout(self.drain_timeout, tracker.wait())
+        let drain_timed_out = tokio::time::timeout(drain_timeout, tracker.wait())
             .await
             .is_err();
+        let mut abandoned = 0;
         if drain_timed_out {
             tracing::warn!(
                 source = %shared.source,
@@ -321,7 +388,18 @@ where
                 "drain timeout passed; cancelling and releasing in-flight deliveries"
             );
             shared.hard_stop.cancel();
-            tracker.wait().await;
+            // Releasing is quick unless the broker is unreachable; do not hang on it.
+            if tokio::time::timeout(RELEASE_GRACE, tracker.wait())
+                .await
+                .is_err()
+            {
+                abandoned = tracker.len();
+                tracing::error!(
+                    source = %shared.source,
+                    abandoned,
+                    "deliveries could not be released in time; the broker redelivers them"
+                );
+            }
         }
         let s = &shared.stats;
         let report = ShutdownReport {
@@ -332,151 +410,257 @@ where
             released: s.released(),
             settle_failed: s.settle_failed(),
             drain_timed_out,
+            abandoned,
         };
         tracing::debug!(source = %shared.source, ?report, "consumer stopped");
-        Ok(report)
+        match failure {
+            Some(e) => {
+                tracing::error!(source = %shared.source, error = %e, ?report, "consumer stopped by failure");
+                Err(e)
+            }
+            None => Ok(report),
+        }
     }
 }
 
-async fn process<S>(
-    delivery: Delivery,
-    service: S,
-    shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
-) where
-    S: Service<Incoming, Response = Outcome> + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    let (envelope, attempt, received_at, mut settler) = delivery.into_parts();
-
-    if attempt > shared.max_attempts {
-        let outcome = Outcome::DeadLetter {
-            reason: DeadLetterReason::MaxAttempts,
-            detail: format!(
-                "delivered {attempt} times, over the budget of {}; earlier attempts never settled (the handler may crash the process)",
-                shared.max_attempts
-            ),
-        };
-        settle(&shared, settler, &envelope.id, attempt, outcome).await;
-        return;
-    }
-
-    let incoming = Incoming {
-        envelope: Arc::clone(&envelope),
-        attempt,
-        max_attempts: shared.max_attempts,
-        received_at,
-        cancel: shared.hard_stop.child_token(),
-        publisher: shared.publisher.clone(),
-        source: Arc::clone(&shared.source),
-    };
-    let call = AssertUnwindSafe(service.oneshot(incoming))
-        .catch_unwind()
-        .map(|result| match result {
-            Ok(Ok(outcome)) => outcome,
-            // An error from a layer (tower's Timeout, LoadShed, ...) is transient.
-            Ok(Err(e)) => Outcome::Retry {
-                delay: Duration::ZERO,
-                detail: e.into().to_string(),
-            },
-            Err(panic) => Outcome::Retry {
-                delay: Duration::ZERO,
-                detail: format!("pipeline panicked: {}", panic_message(&*panic)),
-            },
-        });
-    tokio::pin!(call);
-
-    // Leases count from broker receipt; each extension renews the same length.
-    let lease = settler.lease_deadline().map(|deadline| {
-        deadline
-            .saturating_duration_since(received_at)
-            .max(MIN_LEASE)
-    });
-    let result = loop {
-        let extend_at = lease.and_then(|lease| {
-            settler
-                .lease_deadline()
-                .map(|deadline| deadline.checked_sub(lease / 3).unwrap_or(deadline))
-        });
-        tokio::select! {
-            biased;
-            outcome = &mut call => break Some(outcome),
-            _ = shared.hard_stop.cancelled() => break None,
-            _ = sleep_until_some(extend_at) => {
-                let lease = lease.unwrap_or(MIN_LEASE);
-                if let Err(e) = settler.extend(lease).await {
-                    tracing::warn!(message_id = %envelope.id, error = %e, "lease extension failed");
-                }
-            }
-        }
-    };
-
-    let outcome = match result {
-        Some(outcome) => outcome,
-        None => {
-            // Shutdown is not failure: give it back without counting an attempt.
-            ConsumerStats::bump(&shared.stats.released);
-            if let Err(e) = settler.settle(Settlement::Release).await {
-                ConsumerStats::bump(&shared.stats.settle_failed);
-                tracing::warn!(message_id = %envelope.id, error = %e, "release failed; the broker will redeliver");
-            }
-            return;
-        }
-    };
-    settle(&shared, settler, &envelope.id, attempt, outcome).await;
-}
+/// How long releasing in-flight deliveries may take after the drain timeout.
+const RELEASE_GRACE: Duration = Duration::from_secs(10);
 
 /// The shortest lease the runtime extends by, so that a broker with a tiny
 /// lease does not turn extension into a busy loop.
 const MIN_LEASE: Duration = Duration::from_millis(30);
 
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
+/// Backoff for failures that did not come from the handler's classified
+/// error (a layer's error, a panic in a layer), per attempt.
+const UNCLASSIFIED_BACKOFF: Duration = Duration::from_millis(100);
+
+/// One delivery on its way through the pipeline.
+struct Job<F> {
+    call: Result<F, Box<dyn std::any::Any + Send>>,
+    envelope: Arc<Envelope>,
+    attempt: u32,
+    received_at: Instant,
+    cancel: CancellationToken,
+    settler: Box<dyn Settler>,
+}
+
+impl<F, E> Job<F>
+where
+    F: Future<Output = Result<Outcome, E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    /// Calls the pipeline (on the run loop, right after `poll_ready`).
+    fn start<S>(delivery: Delivery, service: &mut S, shared: &Shared) -> Self
+    where
+        S: Service<Incoming, Future = F, Error = E>,
+    {
+        let (envelope, attempt, received_at, settler) = delivery.into_parts();
+        let cancel = CancellationToken::new();
+        let call = if attempt > shared.poison_threshold {
+            // Do not run it again: see `finish`.
+            Err(Box::new(()) as Box<dyn std::any::Any + Send>)
+        } else {
+            let incoming = Incoming {
+                envelope: Arc::clone(&envelope),
+                attempt,
+                max_attempts: shared.max_attempts,
+                received_at,
+                cancel: cancel.clone(),
+                publisher: shared.publisher.clone(),
+                source: Arc::clone(&shared.source),
+            };
+            std::panic::catch_unwind(AssertUnwindSafe(|| service.call(incoming)))
+        };
+        Job {
+            call,
+            envelope,
+            attempt,
+            received_at,
+            cancel,
+            settler,
+        }
+    }
+
+    /// Runs the pipeline's future, keeps the lease, and settles.
+    async fn finish(self, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+        let Job {
+            call,
+            envelope,
+            attempt,
+            received_at,
+            cancel,
+            mut settler,
+        } = self;
+        let id = &envelope.id;
+
+        if attempt > shared.poison_threshold {
+            let outcome = Outcome::DeadLetter {
+                reason: DeadLetterReason::MaxAttempts,
+                detail: format!(
+                    "delivered {attempt} times, over the budget of {}; earlier attempts never settled (the handler may crash the process)",
+                    shared.max_attempts
+                ),
+            };
+            settle(&shared, settler, id, attempt, outcome).await;
+            return;
+        }
+        if settler
+            .lease_deadline()
+            .is_some_and(|d| d <= Instant::now())
+        {
+            // It waited in the prefetch buffer past its lease: the broker is
+            // handing it to someone else already.
+            tracing::debug!(message_id = %id, "lease expired before the handler started; skipping");
+            drop(settler);
+            return;
+        }
+
+        let outcome = {
+            let call = async {
+                match call {
+                    Ok(future) => match AssertUnwindSafe(future).catch_unwind().await {
+                        Ok(Ok(outcome)) => outcome,
+                        // An error from a layer (tower's Timeout, LoadShed, ...) is transient.
+                        Ok(Err(e)) => Outcome::Retry {
+                            delay: UNCLASSIFIED_BACKOFF * attempt,
+                            detail: e.into().to_string(),
+                        },
+                        Err(panic) => Outcome::Retry {
+                            delay: UNCLASSIFIED_BACKOFF * attempt,
+                            detail: format!("pipeline panicked: {}", panic_message(&*panic)),
+                        },
+                    },
+                    Err(panic) => Outcome::Retry {
+                        delay: UNCLASSIFIED_BACKOFF * attempt,
+                        detail: format!("pipeline panicked: {}", panic_message(&*panic)),
+                    },
+                }
+            };
+            tokio::pin!(call);
+            let keeper = keep_lease(&mut *settler, received_at, id);
+            // Biased: a pipeline that is done on its first poll (the common
+            // case) never arms the shutdown or lease branches.
+            let first = tokio::select! {
+                biased;
+                outcome = &mut call => Some(outcome),
+                _ = shared.hard_stop.cancelled() => None,
+                _ = keeper => None,
+            };
+            match first {
+                Some(outcome) => Some(outcome),
+                None => {
+                    // Shutdown's drain timeout passed: tell the handler, and
+                    // give it one chance to finish before it is dropped.
+                    cancel.cancel();
+                    match futures_util::poll!(&mut call) {
+                        std::task::Poll::Ready(outcome) => Some(outcome),
+                        std::task::Poll::Pending => None,
+                    }
+                }
+            }
+            // The pipeline's future is dropped here, so its clean-up runs
+            // before the delivery is settled or released.
+        };
+
+        let outcome = match outcome {
+            Some(Outcome::Ack(reason)) => Outcome::Ack(reason),
+            Some(outcome) if !shared.hard_stop.is_cancelled() => outcome,
+            // Shutdown is not failure: give it back without counting an attempt.
+            _ => {
+                match settler.settle(Settlement::Release).await {
+                    Ok(()) => ConsumerStats::bump(&shared.stats.released),
+                    Err(e) => {
+                        ConsumerStats::bump(&shared.stats.settle_failed);
+                        tracing::warn!(message_id = %id, error = %e, "release failed; the broker will redeliver");
+                    }
+                }
+                return;
+            }
+        };
+        settle(&shared, settler, id, attempt, outcome).await;
+    }
+}
+
+/// Extends the lease each time two thirds of it have passed; never returns.
+/// Leases count from broker receipt, and each extension renews the same
+/// length.
+async fn keep_lease(settler: &mut dyn Settler, received_at: Instant, id: &MessageId) {
+    let Some(first) = settler.lease_deadline() else {
+        return std::future::pending().await;
+    };
+    let lease = first.saturating_duration_since(received_at).max(MIN_LEASE);
+    let mut next = first.checked_sub(lease / 3).unwrap_or(first);
+    loop {
+        tokio::time::sleep_until(next.into()).await;
+        let now = Instant::now();
+        match settler.extend(lease).await {
+            Ok(()) => {
+                next = settler
+                    .lease_deadline()
+                    .and_then(|d| d.checked_sub(lease / 3))
+                    .unwrap_or(now + lease * 2 / 3)
+                    .max(now + MIN_LEASE);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    TransportErrorKind::StaleDelivery | TransportErrorKind::Unsupported
+                ) =>
+            {
+                tracing::warn!(message_id = %id, error = %e, "cannot extend the lease any more");
+                return std::future::pending().await;
+            }
+            Err(e) => {
+                tracing::warn!(message_id = %id, error = %e, "lease extension failed; trying again");
+                next = now + (lease / 6).max(MIN_LEASE);
+            }
+        }
     }
 }
 
 async fn settle(
     shared: &Shared,
     settler: Box<dyn Settler>,
-    id: &crate::envelope::MessageId,
+    id: &MessageId,
     attempt: u32,
     outcome: Outcome,
 ) {
     let stats = &shared.stats;
-    let settlement = match outcome {
-        Outcome::Ack(_) => {
-            ConsumerStats::bump(&stats.acked);
-            Settlement::Ack
-        }
+    let (settlement, counter) = match outcome {
+        Outcome::Ack(_) => (Settlement::Ack, &stats.acked),
         Outcome::Retry { delay, detail } if attempt < shared.max_attempts => {
+            let delay = shared.max_retry_delay.map_or(delay, |max| delay.min(max));
             tracing::debug!(message_id = %id, attempt, ?delay, %detail, "retrying");
-            ConsumerStats::bump(&stats.retried);
-            Settlement::Retry { delay }
+            (Settlement::Retry { delay }, &stats.retried)
         }
         Outcome::Retry { detail, .. } => {
             tracing::warn!(message_id = %id, attempt, %detail, "attempts exhausted; dead-lettering");
-            ConsumerStats::bump(&stats.dead_lettered);
-            Settlement::DeadLetter {
-                reason: DeadLetterReason::MaxAttempts,
-                detail,
-                attempts: attempt,
-            }
+            (
+                Settlement::DeadLetter {
+                    reason: DeadLetterReason::MaxAttempts,
+                    detail,
+                    attempts: attempt,
+                },
+                &stats.dead_lettered,
+            )
         }
         Outcome::DeadLetter { reason, detail } => {
             tracing::warn!(message_id = %id, attempt, %reason, %detail, "dead-lettering");
-            ConsumerStats::bump(&stats.dead_lettered);
-            Settlement::DeadLetter {
-                reason,
-                detail,
-                attempts: attempt,
-            }
+            (
+                Settlement::DeadLetter {
+                    reason,
+                    detail,
+                    attempts: attempt,
+                },
+                &stats.dead_lettered,
+            )
         }
     };
-    if let Err(e) = settler.settle(settlement).await {
-        ConsumerStats::bump(&stats.settle_failed);
-        tracing::warn!(message_id = %id, error = %e, kind = ?e.kind(), "settlement failed; the broker will redeliver");
+    match settler.settle(settlement).await {
+        Ok(()) => ConsumerStats::bump(counter),
+        Err(e) => {
+            ConsumerStats::bump(&stats.settle_failed);
+            tracing::warn!(message_id = %id, error = %e, kind = ?e.kind(), "settlement failed; the broker will redeliver");
+        }
     }
 }

@@ -1,0 +1,160 @@
+//! The memory workloads that the `switchyard-bench` binary and the criterion
+//! benches both measure.
+//!
+//! Not a public API: it exists so that the two measure the same thing.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use switchyard::memory::{MemoryConfig, MemoryTransport};
+use switchyard::{
+    Consumer, Context, Envelope, HandleError, Handler, Message, QueueSpec, Router,
+    SubscribeOptions, Topology, Transport,
+};
+use tokio::sync::Notify;
+
+/// The queue every workload uses.
+pub const QUEUE: &str = "bench";
+
+/// The benchmark's message: a sequence number; the payload pads it with
+/// whitespace to the size asked for.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Tick {
+    /// Not read: decoding it is the point.
+    pub seq: u64,
+}
+
+impl Message for Tick {
+    const TYPE: &'static str = "bench.tick";
+}
+
+/// A JSON payload of `size` bytes (at least 10) that decodes as a [`Tick`].
+pub fn payload(size: usize) -> Bytes {
+    let head = r#"{"seq":1}"#;
+    // Whitespace is valid JSON and costs the decoder nothing to allocate.
+    let padding = " ".repeat(size.saturating_sub(head.len()));
+    Bytes::from(format!(r#"{{"seq":1{padding}}}"#))
+}
+
+/// A no-op handler that counts what it handled and wakes [`done`](Self::done)
+/// once it has handled `target` messages.
+#[derive(Clone)]
+pub struct CountTo {
+    handled: Arc<AtomicU64>,
+    target: u64,
+    done: Arc<Notify>,
+}
+
+impl CountTo {
+    /// Counts up to `target`.
+    pub fn new(target: u64) -> Self {
+        CountTo {
+            handled: Arc::default(),
+            target,
+            done: Arc::default(),
+        }
+    }
+
+    /// Notified (once) when the target is reached.
+    pub fn done(&self) -> Arc<Notify> {
+        Arc::clone(&self.done)
+    }
+}
+
+impl Handler<Tick> for CountTo {
+    fn handle(
+        &self,
+        _tick: Tick,
+        _cx: &Context,
+    ) -> impl Future<Output = Result<(), HandleError>> + Send {
+        if self.handled.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
+            self.done.notify_one();
+        }
+        std::future::ready(Ok(()))
+    }
+}
+
+/// A broker with [`QUEUE`] declared, holding up to `capacity` messages.
+pub async fn broker(capacity: usize) -> Result<MemoryTransport, String> {
+    let broker = MemoryTransport::with_config(MemoryConfig::default().default_capacity(capacity));
+    let topology = Topology::new().queue(QueueSpec::new(QUEUE).capacity(capacity));
+    broker.declare(&topology).await.map_err(|e| e.to_string())?;
+    Ok(broker)
+}
+
+/// Publishes `messages` envelopes with `payload` to [`QUEUE`], one after
+/// the other, each with a fresh id as a producer would.
+pub async fn publish(
+    broker: &MemoryTransport,
+    messages: u64,
+    payload: &Bytes,
+) -> Result<(), String> {
+    for _ in 0..messages {
+        let envelope = Envelope::new(Tick::TYPE, payload.clone());
+        broker
+            .publish(QUEUE, envelope)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Consumes `messages` from [`QUEUE`] through `subscribe` and `ack` alone,
+/// one at a time: the floor the runtime is compared with. Returns how long
+/// it took.
+pub async fn consume_raw(broker: &MemoryTransport, messages: u64) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut deliveries = broker
+        .subscribe(QUEUE, SubscribeOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    for _ in 0..messages {
+        let delivery = deliveries.next().await.ok_or("the subscription ended")?;
+        let delivery = delivery.map_err(|e| e.to_string())?;
+        delivery.ack().await.map_err(|e| e.to_string())?;
+    }
+    Ok(started.elapsed())
+}
+
+/// Consumes `messages` from [`QUEUE`] through a [`Consumer`] with a
+/// [`Router`] and a no-op handler. Returns how long it took until the broker
+/// held none of them any more (the graceful shutdown that follows is not
+/// counted).
+pub async fn consume_runtime(
+    broker: &MemoryTransport,
+    messages: u64,
+    concurrency: usize,
+) -> Result<Duration, String> {
+    let handler = CountTo::new(messages);
+    let done = handler.done();
+    let started = Instant::now();
+    let consumer = Consumer::builder(broker.clone(), QUEUE)
+        .concurrency(concurrency)
+        .serve(Router::builder().route(handler).build())
+        .spawn();
+    done.notified().await;
+    // Every handler has returned; the last settlements follow at once.
+    while broker.depth(QUEUE) != Some(0) {
+        tokio::task::yield_now().await;
+    }
+    let elapsed = started.elapsed();
+    let report = consumer.shutdown().await.map_err(|e| e.to_string())?;
+    if report.acked != messages || report.received != messages {
+        return Err(format!("expected {messages} acked, got {report:?}"));
+    }
+    Ok(elapsed)
+}
+
+/// A tokio runtime like the bench's machine: two worker threads.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
