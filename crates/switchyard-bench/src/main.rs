@@ -148,6 +148,8 @@ struct Row {
     pipeline: Pipeline,
     publish_rate: f64,
     consume_rate: f64,
+    /// Messages over publish and consume time together.
+    end_to_end_rate: f64,
     peak_mib: f64,
 }
 
@@ -182,6 +184,11 @@ fn run_table(options: &Options) -> Result<(), String> {
             pipeline,
             publish_rate: median(runs.iter().map(|r| n / r.publish.as_secs_f64()).collect()),
             consume_rate: median(runs.iter().map(|r| n / r.consume.as_secs_f64()).collect()),
+            end_to_end_rate: median(
+                runs.iter()
+                    .map(|r| n / (r.publish + r.consume).as_secs_f64())
+                    .collect(),
+            ),
             peak_mib: runs.iter().map(|r| r.peak_kib).max().unwrap_or(0) as f64 / 1024.0,
         });
     }
@@ -218,8 +225,14 @@ fn print_table(options: &Options, rows: &[Row], raw: f64) {
         options.messages, options.payload, options.runs
     );
     println!(
-        "{:<9} {:>11} {:>14} {:>14} {:>7} {:>9}",
-        "pipeline", "concurrency", "publish msg/s", "consume msg/s", "vs raw", "peak MiB"
+        "{:<9} {:>11} {:>14} {:>14} {:>7} {:>15} {:>9}",
+        "pipeline",
+        "concurrency",
+        "publish msg/s",
+        "consume msg/s",
+        "vs raw",
+        "end-to-end msg/s",
+        "peak MiB"
     );
     for row in rows {
         let concurrency = row
@@ -227,12 +240,13 @@ fn print_table(options: &Options, rows: &[Row], raw: f64) {
             .concurrency()
             .map_or("-".to_owned(), |n| n.to_string());
         println!(
-            "{:<9} {:>11} {:>14.0} {:>14.0} {:>7.2} {:>9.1}",
+            "{:<9} {:>11} {:>14.0} {:>14.0} {:>7.2} {:>16.0} {:>9.1}",
             row.pipeline.name(),
             concurrency,
             row.publish_rate,
             row.consume_rate,
             row.consume_rate / raw,
+            row.end_to_end_rate,
             row.peak_mib
         );
     }
@@ -244,12 +258,13 @@ fn print_json(options: &Options, rows: &[Row], raw: f64) {
         .map(|row| {
             let concurrency = row.pipeline.concurrency().map_or("null".to_owned(), |n| n.to_string());
             format!(
-                r#"{{"pipeline":"{}","concurrency":{},"publish_per_sec":{:.0},"consume_per_sec":{:.0},"vs_raw":{:.3},"peak_mib":{:.1}}}"#,
+                r#"{{"pipeline":"{}","concurrency":{},"publish_per_sec":{:.0},"consume_per_sec":{:.0},"vs_raw":{:.3},"end_to_end_per_sec":{:.0},"peak_mib":{:.1}}}"#,
                 row.pipeline.name(),
                 concurrency,
                 row.publish_rate,
                 row.consume_rate,
                 row.consume_rate / raw,
+                row.end_to_end_rate,
                 row.peak_mib
             )
         })

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use super::{Incoming, Publisher};
@@ -20,8 +19,8 @@ use crate::envelope::{Envelope, MessageId};
 use crate::outcome::{DeadLetterReason, Outcome};
 use crate::router::panic_message;
 use crate::transport::{
-    BoxError, Delivery, Settlement, Settler, SubscribeOptions, Transport, TransportError,
-    TransportErrorKind,
+    BoxError, BoxFuture, Delivery, Settlement, Settler, SubscribeOptions, Transport,
+    TransportError, TransportErrorKind,
 };
 
 /// Configures a [`Consumer`].
@@ -54,6 +53,12 @@ pub struct ConsumerBuilder {
 impl ConsumerBuilder {
     /// At most `n` deliveries in flight (pulled and not yet settled); also
     /// the subscription's prefetch. Default 32.
+    ///
+    /// In-flight deliveries run concurrently on the consumer's own task
+    /// (no task per message): they interleave at `.await` points, so a
+    /// handler must not block its thread. CPU-heavy work belongs in
+    /// `tokio::task::spawn_blocking` or a worker pool; several consumers of
+    /// one source spread over several cores.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
@@ -231,7 +236,8 @@ impl<S> fmt::Debug for Consumer<S> {
     }
 }
 
-/// A running consumer.
+/// A running consumer. Dropping the handle leaves the consumer running in
+/// the background; [`shutdown`](Self::shutdown) stops it gracefully.
 pub struct ConsumerHandle {
     shutdown: CancellationToken,
     shared: Arc<Shared>,
@@ -312,88 +318,75 @@ where
         }
         let options = SubscribeOptions::default().prefetch(concurrency);
         let mut stream = shared.transport.subscribe(&shared.source, options).await?;
-        let permits = Arc::new(Semaphore::new(concurrency));
-        let tracker = TaskTracker::new();
+        // In-flight deliveries are polled by this task rather than spawned:
+        // no task per message, no cross-thread wake-ups on the hot path.
+        let mut in_flight: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
         let mut failure = None;
         tokio::pin!(shutdown);
         tracing::debug!(source = %shared.source, concurrency, "consumer started");
 
         loop {
-            let permit = match Arc::clone(&permits).try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => tokio::select! {
-                    biased;
-                    _ = &mut shutdown => break,
-                    p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+            let room = in_flight.len() < concurrency;
+            let pull = async {
+                // Reserve room in the pipeline before taking a message off the broker.
+                std::future::poll_fn(|cx| service.poll_ready(cx).map_err(Into::<BoxError>::into))
+                    .await?;
+                Ok::<_, BoxError>(stream.next().await)
+            };
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                pulled = pull, if room => match pulled {
+                    Err(e) => {
+                        tracing::error!(source = %shared.source, error = %e, "the pipeline failed; stopping");
+                        failure = Some(
+                            TransportError::new(TransportErrorKind::Other, "the consumer's pipeline failed")
+                                .with_source(e),
+                        );
+                        break;
+                    }
+                    Ok(Some(Ok(delivery))) => {
+                        ConsumerStats::bump(&shared.stats.received);
+                        let job = Job::start(delivery, &mut service, &shared);
+                        in_flight.push(Box::pin(job.finish(Arc::clone(&shared))));
+                    }
+                    Ok(Some(Err(e))) if e.kind() == TransportErrorKind::Closed => {
+                        failure = Some(e);
+                        break;
+                    }
+                    Ok(Some(Err(e))) => {
+                        // The adapter reconnects by itself; this is an observation.
+                        tracing::warn!(source = %shared.source, error = %e, "subscription error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(None) => {
+                        failure = Some(TransportError::new(
+                            TransportErrorKind::Closed,
+                            format!("the subscription to {:?} ended", &*shared.source),
+                        ));
+                        break;
+                    }
                 },
-            };
-            // Reserve room in the pipeline before taking a message off the broker.
-            let ready = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                ready = std::future::poll_fn(|cx| service.poll_ready(cx).map_err(Into::<BoxError>::into)) => ready,
-            };
-            if let Err(e) = ready {
-                tracing::error!(source = %shared.source, error = %e, "the pipeline failed; stopping");
-                failure = Some(
-                    TransportError::new(
-                        TransportErrorKind::Other,
-                        "the consumer's pipeline failed",
-                    )
-                    .with_source(e),
-                );
-                break;
-            }
-            let next = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                next = stream.next() => next,
-            };
-            match next {
-                Some(Ok(delivery)) => {
-                    ConsumerStats::bump(&shared.stats.received);
-                    let job = Job::start(delivery, &mut service, &shared);
-                    tracker.spawn(job.finish(Arc::clone(&shared), permit));
-                }
-                Some(Err(e)) if e.kind() == TransportErrorKind::Closed => {
-                    failure = Some(e);
-                    break;
-                }
-                Some(Err(e)) => {
-                    // The adapter reconnects by itself; this is an observation.
-                    tracing::warn!(source = %shared.source, error = %e, "subscription error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                None => {
-                    failure = Some(TransportError::new(
-                        TransportErrorKind::Closed,
-                        format!("the subscription to {:?} ended", &*shared.source),
-                    ));
-                    break;
-                }
             }
         }
 
         // Stop pulling. Deliveries already yielded stay settleable.
         drop(stream);
-        tracker.close();
-        let drain_timed_out = tokio::time::timeout(drain_timeout, tracker.wait())
-            .await
-            .is_err();
+        let drain = async { while in_flight.next().await.is_some() {} };
+        let drain_timed_out = tokio::time::timeout(drain_timeout, drain).await.is_err();
         let mut abandoned = 0;
         if drain_timed_out {
             tracing::warn!(
                 source = %shared.source,
-                in_flight = tracker.len(),
+                in_flight = in_flight.len(),
                 "drain timeout passed; cancelling and releasing in-flight deliveries"
             );
             shared.hard_stop.cancel();
             // Releasing is quick unless the broker is unreachable; do not hang on it.
-            if tokio::time::timeout(RELEASE_GRACE, tracker.wait())
-                .await
-                .is_err()
-            {
-                abandoned = tracker.len();
+            let release = async { while in_flight.next().await.is_some() {} };
+            if tokio::time::timeout(RELEASE_GRACE, release).await.is_err() {
+                abandoned = in_flight.len();
                 tracing::error!(
                     source = %shared.source,
                     abandoned,
@@ -482,7 +475,7 @@ where
     }
 
     /// Runs the pipeline's future, keeps the lease, and settles.
-    async fn finish(self, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+    async fn finish(self, shared: Arc<Shared>) {
         let Job {
             call,
             envelope,
