@@ -330,13 +330,10 @@ impl Context {
         destination: &str,
         msg: &M,
     ) -> Result<MessageId, TransportError> {
-        let env = self.envelope_for(msg)?;
-        let id = env.id.clone();
         self.inner
             .publisher
-            .publish_envelope(destination, env)
-            .await?;
-        Ok(id)
+            .publish_envelope(destination, self.envelope_for(msg)?)
+            .await
     }
 }
 

@@ -55,19 +55,19 @@ impl Publisher {
         destination: &str,
         msg: &M,
     ) -> Result<MessageId, TransportError> {
-        let env = self.envelope_for(msg)?;
-        let id = env.id.clone();
-        self.transport.publish(destination, env).await?;
-        Ok(id)
+        self.publish_envelope(destination, self.envelope_for(msg)?)
+            .await
     }
 
-    /// Publishes a ready envelope.
+    /// Publishes a ready envelope; returns its id once the broker holds it.
     pub async fn publish_envelope(
         &self,
         destination: &str,
         envelope: Envelope,
-    ) -> Result<(), TransportError> {
-        self.transport.publish(destination, envelope).await
+    ) -> Result<MessageId, TransportError> {
+        let id = envelope.id.clone();
+        self.transport.publish(destination, envelope).await?;
+        Ok(id)
     }
 }
 
