@@ -599,10 +599,12 @@ async fn towers_own_layers_drop_into_the_pipeline() {
             Ok(())
         })
         .build();
+    // RateLimit is not Clone: the runtime drives one pipeline instance.
     // The first layer is outermost: ConcurrencyLimit's readiness holds
     // messages at the broker (the runtime waits for poll_ready before it
     // pulls), so LoadShed inside it never has to shed.
     let pipeline = ServiceBuilder::new()
+        .rate_limit(1000, Duration::from_secs(1))
         .concurrency_limit(4)
         .load_shed()
         .timeout(Duration::from_millis(50))

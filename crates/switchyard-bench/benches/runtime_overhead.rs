@@ -4,16 +4,19 @@
 //! cargo bench -p switchyard-bench --bench runtime_overhead
 //! ```
 //!
-//! - `router/*`: the innermost service alone on a prepared `Incoming`; for
+//! - `router/*`: the innermost service alone on a prepared `Incoming`
+//!   (`call`), the same through the full default stack (`stack-call`); for
 //!   scale, the JSON decode it contains and the `Envelope::new` every
 //!   publish starts with;
 //! - `batch/*`: 10,000 messages published, consumed and acknowledged, through
-//!   a `Consumer` at concurrency 1 and 32 (`runtime-*`, its start and
-//!   graceful shutdown included) and through the transport alone (`raw`);
-//!   the difference per element is what the runtime costs per message.
+//!   a `Consumer` at concurrency 1 and 32 with a bare router (`runtime-*`)
+//!   and with the full default stack (`stack-*`), consumer start and
+//!   graceful shutdown included, and through the transport alone (`raw`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use switchyard::middleware::Stack;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use futures_util::FutureExt;
@@ -22,22 +25,22 @@ use switchyard::{Codec, Envelope, Incoming, JsonCodec, Message, Publisher, Route
 use switchyard_bench::{
     broker, consume_raw, consume_runtime, payload, publish, runtime, CountTo, Tick,
 };
-use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 const BATCH: u64 = 10_000;
 
 fn router(c: &mut Criterion) {
     let payload = payload(64);
-    let incoming = Incoming {
-        envelope: Arc::new(Envelope::new(Tick::TYPE, payload.clone())),
-        attempt: 1,
-        max_attempts: 5,
-        received_at: Instant::now(),
-        cancel: CancellationToken::new(),
-        publisher: Publisher::new(Arc::new(MemoryTransport::new())),
-        source: "bench".into(),
+    let publisher = Publisher::new(Arc::new(MemoryTransport::new()));
+    // A fresh message each time: the dedupe layer must not see duplicates.
+    let incoming = || {
+        Incoming::new(
+            Arc::new(Envelope::new(Tick::TYPE, payload.clone())),
+            publisher.clone(),
+            "bench",
+        )
     };
+    let rt = runtime().expect("a tokio runtime");
     // Never reaches its target: counting is all it does.
     let mut router = Router::builder().route(CountTo::new(u64::MAX)).build();
 
@@ -52,12 +55,30 @@ fn router(c: &mut Criterion) {
     });
     group.bench_function("call", |b| {
         b.iter_batched(
-            || incoming.clone(),
+            incoming,
             |incoming| {
                 router
                     .call(incoming)
                     .now_or_never()
                     .expect("a no-op handler is ready at once")
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    // The same call through the full default stack (metrics, trace,
+    // validate, deadline, dedupe, ordering, retry, timeout): the difference
+    // to `call` is what the stack adds per message.
+    let mut stack = Stack::new().build(Router::builder().route(CountTo::new(u64::MAX)).build());
+    let _entered = rt.enter();
+    group.bench_function("stack-call", |b| {
+        b.iter_batched(
+            incoming,
+            |incoming| {
+                stack
+                    .call(incoming)
+                    .now_or_never()
+                    .expect("a no-op handler is ready at once")
+                    .expect("the stack never fails")
             },
             BatchSize::SmallInput,
         )
@@ -73,7 +94,7 @@ fn batch(c: &mut Criterion) {
     let mut group = c.benchmark_group("batch");
     group.throughput(Throughput::Elements(BATCH));
     // Setting up a broker is part of neither; publishing is part of both.
-    let mut measure = |name: &str, concurrency: Option<usize>| {
+    let mut measure = |name: &str, concurrency: Option<usize>, full_stack: bool| {
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let payload = payload.clone();
@@ -86,7 +107,7 @@ fn batch(c: &mut Criterion) {
                             publish(&broker, BATCH, &payload).await.expect("published");
                             match concurrency {
                                 None => consume_raw(&broker, BATCH).await,
-                                Some(n) => consume_runtime(&broker, BATCH, n).await,
+                                Some(n) => consume_runtime(&broker, BATCH, n, full_stack).await,
                             }
                             .expect("consumed");
                             total += started.elapsed();
@@ -99,9 +120,11 @@ fn batch(c: &mut Criterion) {
             })
         });
     };
-    measure("raw", None);
-    measure("runtime-1", Some(1));
-    measure("runtime-32", Some(32));
+    measure("raw", None, false);
+    measure("runtime-1", Some(1), false);
+    measure("runtime-32", Some(32), false);
+    measure("stack-1", Some(1), true);
+    measure("stack-32", Some(32), true);
     group.finish();
 }
 

@@ -123,21 +123,26 @@ pub async fn consume_raw(broker: &MemoryTransport, messages: u64) -> Result<Dura
 }
 
 /// Consumes `messages` from [`QUEUE`] through a [`Consumer`] with a
-/// [`Router`] and a no-op handler. Returns how long it took until the broker
+/// [`Router`] and a no-op handler, bare or inside the full default
+/// middleware stack. Returns how long it took until the broker
 /// held none of them any more (the graceful shutdown that follows is not
 /// counted).
 pub async fn consume_runtime(
     broker: &MemoryTransport,
     messages: u64,
     concurrency: usize,
+    full_stack: bool,
 ) -> Result<Duration, String> {
     let handler = CountTo::new(messages);
     let done = handler.done();
+    let router = Router::builder().route(handler).build();
     let started = Instant::now();
-    let consumer = Consumer::builder(broker.clone(), QUEUE)
-        .concurrency(concurrency)
-        .serve(Router::builder().route(handler).build())
-        .spawn();
+    let builder = Consumer::builder(broker.clone(), QUEUE).concurrency(concurrency);
+    let consumer = if full_stack {
+        builder.serve_default(router).spawn()
+    } else {
+        builder.serve(router).spawn()
+    };
     done.notified().await;
     // Every handler has returned; the last settlements follow at once.
     while broker.depth(QUEUE) != Some(0) {

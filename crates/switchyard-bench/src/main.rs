@@ -40,6 +40,8 @@ enum Pipeline {
     Raw,
     /// `Consumer` + `Router` + a no-op handler at this concurrency.
     Runtime(usize),
+    /// The same inside the full default middleware stack.
+    Stack(usize),
 }
 
 impl Pipeline {
@@ -47,13 +49,14 @@ impl Pipeline {
         match self {
             Pipeline::Raw => "raw",
             Pipeline::Runtime(_) => "runtime",
+            Pipeline::Stack(_) => "stack",
         }
     }
 
     fn concurrency(self) -> Option<usize> {
         match self {
             Pipeline::Raw => None,
-            Pipeline::Runtime(n) => Some(n),
+            Pipeline::Runtime(n) | Pipeline::Stack(n) => Some(n),
         }
     }
 
@@ -61,13 +64,17 @@ impl Pipeline {
         match self {
             Pipeline::Raw => "raw".to_owned(),
             Pipeline::Runtime(n) => n.to_string(),
+            Pipeline::Stack(n) => format!("stack:{n}"),
         }
     }
 
     fn from_arg(s: &str) -> Option<Self> {
         match s {
             "raw" => Some(Pipeline::Raw),
-            n => n.parse().ok().filter(|&n| n > 0).map(Pipeline::Runtime),
+            s => match s.strip_prefix("stack:") {
+                Some(n) => n.parse().ok().filter(|&n| n > 0).map(Pipeline::Stack),
+                None => s.parse().ok().filter(|&n| n > 0).map(Pipeline::Runtime),
+            },
         }
     }
 }
@@ -156,7 +163,8 @@ struct Row {
 fn run_table(options: &Options) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let pipelines = std::iter::once(Pipeline::Raw)
-        .chain(options.concurrency.iter().map(|&n| Pipeline::Runtime(n)));
+        .chain(options.concurrency.iter().map(|&n| Pipeline::Runtime(n)))
+        .chain(options.concurrency.iter().map(|&n| Pipeline::Stack(n)));
     let mut rows = Vec::new();
     for pipeline in pipelines {
         let mut runs = Vec::with_capacity(options.runs);
@@ -315,7 +323,12 @@ async fn measure(
     let published = started.elapsed();
     let consumed = match pipeline {
         Pipeline::Raw => consume_raw(&broker, messages).await?,
-        Pipeline::Runtime(concurrency) => consume_runtime(&broker, messages, concurrency).await?,
+        Pipeline::Runtime(concurrency) => {
+            consume_runtime(&broker, messages, concurrency, false).await?
+        }
+        Pipeline::Stack(concurrency) => {
+            consume_runtime(&broker, messages, concurrency, true).await?
+        }
     };
     Ok((published, consumed))
 }

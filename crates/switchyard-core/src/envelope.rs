@@ -137,6 +137,18 @@ pub struct TraceContext {
     pub tracestate: Option<String>,
 }
 
+/// An RFC 3339 rendering of `t` that cannot panic: times humantime cannot
+/// format (before 1970, after 9999) are shown as signed milliseconds since
+/// the epoch. Times come from the wire, so they are untrusted.
+pub(crate) fn display_time(t: SystemTime) -> String {
+    const YEAR_10000: Duration = Duration::from_secs(253_402_300_800);
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) if d < YEAR_10000 => humantime::format_rfc3339_millis(t).to_string(),
+        Ok(d) => format!("{}ms since the epoch", d.as_millis()),
+        Err(e) => format!("-{}ms since the epoch", e.duration().as_millis()),
+    }
+}
+
 /// The transport-neutral message.
 ///
 /// Every adapter maps these fields onto broker-native properties and headers
@@ -253,19 +265,13 @@ impl fmt::Debug for Envelope {
             .field("id", &self.id)
             .field("kind", &self.kind)
             .field("schema_version", &self.schema_version)
-            .field(
-                "occurred_at",
-                &humantime::format_rfc3339_millis(self.occurred_at),
-            )
+            .field("occurred_at", &display_time(self.occurred_at))
             .field("correlation_id", &self.correlation_id)
             .field("causation_id", &self.causation_id)
             .field("producer", &self.producer)
             .field("partition_key", &self.partition_key)
             .field("tenant", &self.tenant)
-            .field(
-                "deadline",
-                &self.deadline.map(humantime::format_rfc3339_millis),
-            )
+            .field("deadline", &self.deadline.map(display_time))
             .field("reply_to", &self.reply_to)
             .field("trace", &self.trace)
             .field("content_type", &self.content_type)
@@ -303,6 +309,15 @@ mod tests {
         let dbg = format!("{env:?}");
         assert!(!dbg.contains("secret"));
         assert!(dbg.contains("payload_len: 18"));
+    }
+
+    #[test]
+    fn debug_survives_times_out_of_rfc3339_range() {
+        let mut env = Envelope::new("t", Bytes::new());
+        env.occurred_at = SystemTime::UNIX_EPOCH - Duration::from_secs(10);
+        env.deadline = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(400_000_000_000));
+        let dbg = format!("{env:?}");
+        assert!(dbg.contains("-10000ms since the epoch"), "{dbg}");
     }
 
     #[test]

@@ -297,6 +297,11 @@ impl Context {
         &self.inner.cancel
     }
 
+    /// The trace context messages published from this handler carry.
+    pub fn trace(&self) -> &crate::envelope::TraceContext {
+        &self.inner.trace
+    }
+
     /// The publisher, without the stamping that [`publish`](Self::publish) does.
     pub fn publisher(&self) -> &Publisher {
         &self.inner.publisher
@@ -318,7 +323,7 @@ impl Context {
         env.causation_id = Some(incoming.id.as_str().to_owned());
         env.deadline = incoming.deadline;
         env.tenant.clone_from(&incoming.tenant);
-        env.trace.clone_from(&incoming.trace);
+        env.trace.clone_from(&self.inner.trace);
         Ok(env)
     }
 

@@ -14,6 +14,7 @@
 pub mod envelope;
 pub mod handler;
 pub mod message;
+pub mod middleware;
 pub mod outcome;
 pub mod router;
 pub mod runtime;
@@ -32,7 +33,22 @@ pub use transport::{
 };
 
 /// Header names switchyard itself writes; adapters map them onto the wire.
+///
+/// An adapter that reads a standard field it cannot parse (a deadline that
+/// is not a timestamp, say) leaves the envelope's field empty and keeps the
+/// raw value in the headers under the field's name below; the validate
+/// middleware dead-letters such a message as `malformed`.
 pub mod header_names {
+    /// The schema version, where the broker has no property for it.
+    pub const SCHEMA_VERSION: &str = "switchyard-schema-version";
+    /// When the message occurred (RFC 3339).
+    pub const OCCURRED_AT: &str = "switchyard-occurred-at";
+    /// The deadline (RFC 3339).
+    pub const DEADLINE: &str = "switchyard-deadline";
+    /// Standard fields whose presence among the extra headers means the
+    /// adapter could not parse them.
+    pub const PARSED_FIELDS: [&str; 3] = [SCHEMA_VERSION, OCCURRED_AT, DEADLINE];
+
     /// Why a message was dead-lettered (a [`DeadLetterReason`](crate::DeadLetterReason) string).
     pub const DEAD_LETTER_REASON: &str = "switchyard-dead-letter-reason";
     /// The error text that led to dead-lettering.

@@ -87,6 +87,15 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Finishes the consumer with the canonical middleware stack
+    /// ([`Stack`](crate::middleware::Stack) with its defaults) around
+    /// `router`: metrics, trace, validate, deadline, dedupe, ordering, retry
+    /// and timeout. Use [`serve`](Self::serve) with
+    /// `Stack::new()...build(router)` to configure it.
+    pub fn serve_default(self, router: crate::Router) -> Consumer<crate::middleware::DefaultStack> {
+        self.serve(crate::middleware::Stack::new().build(router))
+    }
+
     /// Finishes the consumer with its pipeline: a [`Router`](crate::Router)
     /// or any stack of tower layers around one (the first layer added is the
     /// outermost and sees the delivery first).
@@ -461,6 +470,7 @@ where
                 cancel: cancel.clone(),
                 publisher: shared.publisher.clone(),
                 source: Arc::clone(&shared.source),
+                trace: envelope.trace.clone(),
             };
             std::panic::catch_unwind(AssertUnwindSafe(|| service.call(incoming)))
         };

@@ -1,0 +1,307 @@
+//! Where processed message ids are remembered.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::envelope::MessageId;
+use crate::transport::{BoxError, BoxFuture};
+
+/// What a [`DedupeStore`] says about a message id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Not seen before (or released): the caller now holds it and must
+    /// `complete` or `release` it.
+    Acquired,
+    /// Already processed with the same payload.
+    Duplicate,
+    /// Being processed right now by another delivery.
+    InProgress,
+    /// Already used for a different payload.
+    Conflict,
+}
+
+/// Remembers which message ids a consumer has processed.
+///
+/// `scope` separates consumers (it is the consumer's source), `fingerprint`
+/// identifies the payload, so that a reused id with another payload is told
+/// apart from a duplicate. A store must make `claim` atomic: two concurrent
+/// claims of one id never both get [`Claim::Acquired`].
+///
+/// ```
+/// use switchyard_core::middleware::dedupe::{Claim, DedupeStore, MemoryDedupeStore};
+/// use switchyard_core::MessageId;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let store = MemoryDedupeStore::new();
+/// let id = MessageId::new();
+/// assert_eq!(store.claim("orders", &id, 7).await.unwrap(), Claim::Acquired);
+/// assert_eq!(store.claim("orders", &id, 7).await.unwrap(), Claim::InProgress);
+/// store.complete("orders", &id, 7).await.unwrap();
+/// assert_eq!(store.claim("orders", &id, 7).await.unwrap(), Claim::Duplicate);
+/// assert_eq!(store.claim("orders", &id, 8).await.unwrap(), Claim::Conflict);
+/// # }
+/// # fn _object_safe(_: &dyn DedupeStore) {}
+/// ```
+pub trait DedupeStore: Send + Sync + 'static {
+    /// Claims `id` for processing.
+    fn claim<'a>(
+        &'a self,
+        scope: &'a str,
+        id: &'a MessageId,
+        fingerprint: u64,
+    ) -> BoxFuture<'a, Result<Claim, BoxError>>;
+
+    /// Records `id` as processed (after the handler succeeded).
+    fn complete<'a>(
+        &'a self,
+        scope: &'a str,
+        id: &'a MessageId,
+        fingerprint: u64,
+    ) -> BoxFuture<'a, Result<(), BoxError>>;
+
+    /// Gives up a claim (the handler failed): the next delivery may run.
+    fn release<'a>(
+        &'a self,
+        scope: &'a str,
+        id: &'a MessageId,
+    ) -> BoxFuture<'a, Result<(), BoxError>>;
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    fingerprint: u64,
+    done: bool,
+    since: Instant,
+}
+
+type Key = (Arc<str>, MessageId);
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<Key, Entry>,
+    /// Insertion order, for expiry and eviction; may hold keys that were
+    /// released or re-claimed since (checked against `since`).
+    order: VecDeque<(Instant, Key)>,
+    scopes: HashMap<Arc<str>, ()>,
+}
+
+/// A bounded, in-process [`DedupeStore`] whose entries expire.
+///
+/// It remembers at most `capacity` ids (the oldest processed ones are
+/// forgotten first) for at most `ttl` each; a claim still in progress after
+/// `ttl` is treated as abandoned. Only deliveries seen by this process are
+/// deduplicated: use a shared store (PostgreSQL, Redis) across processes.
+#[derive(Clone)]
+pub struct MemoryDedupeStore {
+    entries: Arc<Mutex<Entries>>,
+    capacity: usize,
+    ttl: Duration,
+}
+
+impl Default for MemoryDedupeStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryDedupeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryDedupeStore")
+            .field("capacity", &self.capacity)
+            .field("ttl", &self.ttl)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl MemoryDedupeStore {
+    /// 100,000 ids for an hour each.
+    pub fn new() -> Self {
+        Self::with_limits(100_000, Duration::from_secs(3600))
+    }
+
+    /// At most `capacity` ids, each for at most `ttl`.
+    pub fn with_limits(capacity: usize, ttl: Duration) -> Self {
+        MemoryDedupeStore {
+            entries: Arc::default(),
+            capacity: capacity.max(1),
+            ttl,
+        }
+    }
+
+    /// How many ids it remembers now.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// Whether it remembers none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(entries: &mut Entries, scope: &str, id: &MessageId) -> Key {
+        let scope = match entries.scopes.get_key_value(scope) {
+            Some((s, _)) => Arc::clone(s),
+            None => {
+                let s: Arc<str> = scope.into();
+                entries.scopes.insert(Arc::clone(&s), ());
+                s
+            }
+        };
+        (scope, id.clone())
+    }
+
+    fn evict(&self, entries: &mut Entries, now: Instant) {
+        while let Some((since, key)) = entries.order.front() {
+            let expired = now.duration_since(*since) >= self.ttl;
+            if !expired && entries.map.len() <= self.capacity {
+                break;
+            }
+            let live = entries.map.get(key).is_some_and(|e| e.since == *since);
+            if live && !expired && !entries.map[key].done {
+                // Over capacity, but in progress: never forget a live claim.
+                break;
+            }
+            let (since, key) = entries.order.pop_front().expect("peeked");
+            if entries.map.get(&key).is_some_and(|e| e.since == since) {
+                entries.map.remove(&key);
+            }
+        }
+    }
+
+    fn claim_now(&self, scope: &str, id: &MessageId, fingerprint: u64) -> Claim {
+        let now = Instant::now();
+        let mut entries = self.lock();
+        self.evict(&mut entries, now);
+        let key = Self::key(&mut entries, scope, id);
+        if let Some(e) = entries.map.get(&key) {
+            let stale = now.duration_since(e.since) >= self.ttl;
+            if !stale {
+                return match (e.fingerprint == fingerprint, e.done) {
+                    (false, _) => Claim::Conflict,
+                    (true, true) => Claim::Duplicate,
+                    (true, false) => Claim::InProgress,
+                };
+            }
+        }
+        entries.map.insert(
+            key.clone(),
+            Entry {
+                fingerprint,
+                done: false,
+                since: now,
+            },
+        );
+        entries.order.push_back((now, key));
+        Claim::Acquired
+    }
+
+    fn complete_now(&self, scope: &str, id: &MessageId, fingerprint: u64) {
+        let now = Instant::now();
+        let mut entries = self.lock();
+        let key = Self::key(&mut entries, scope, id);
+        entries.map.insert(
+            key.clone(),
+            Entry {
+                fingerprint,
+                done: true,
+                since: now,
+            },
+        );
+        // Remembered for a full ttl from completion.
+        entries.order.push_back((now, key));
+        self.evict(&mut entries, now);
+    }
+
+    fn release_now(&self, scope: &str, id: &MessageId) {
+        let mut entries = self.lock();
+        let key = Self::key(&mut entries, scope, id);
+        if entries.map.get(&key).is_some_and(|e| !e.done) {
+            entries.map.remove(&key);
+        }
+    }
+}
+
+impl DedupeStore for MemoryDedupeStore {
+    fn claim<'a>(
+        &'a self,
+        scope: &'a str,
+        id: &'a MessageId,
+        fingerprint: u64,
+    ) -> BoxFuture<'a, Result<Claim, BoxError>> {
+        let claim = self.claim_now(scope, id, fingerprint);
+        Box::pin(std::future::ready(Ok(claim)))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        scope: &'a str,
+        id: &'a MessageId,
+        fingerprint: u64,
+    ) -> BoxFuture<'a, Result<(), BoxError>> {
+        self.complete_now(scope, id, fingerprint);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn release<'a>(
+        &'a self,
+        scope: &'a str,
+        id: &'a MessageId,
+    ) -> BoxFuture<'a, Result<(), BoxError>> {
+        self.release_now(scope, id);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_forgets_the_oldest_processed_ids() {
+        let store = MemoryDedupeStore::with_limits(2, Duration::from_secs(60));
+        let ids: Vec<_> = (0..3).map(|_| MessageId::new()).collect();
+        for id in &ids {
+            assert_eq!(store.claim_now("s", id, 1), Claim::Acquired);
+            store.complete_now("s", id, 1);
+        }
+        assert!(store.len() <= 2);
+        assert_eq!(store.claim_now("s", &ids[2], 1), Claim::Duplicate);
+        assert_eq!(
+            store.claim_now("s", &ids[0], 1),
+            Claim::Acquired,
+            "forgotten"
+        );
+    }
+
+    #[test]
+    fn in_progress_claims_are_never_evicted_for_capacity() {
+        let store = MemoryDedupeStore::with_limits(1, Duration::from_secs(60));
+        let (a, b) = (MessageId::new(), MessageId::new());
+        assert_eq!(store.claim_now("s", &a, 1), Claim::Acquired);
+        assert_eq!(store.claim_now("s", &b, 1), Claim::Acquired);
+        assert_eq!(store.claim_now("s", &a, 1), Claim::InProgress);
+    }
+
+    #[test]
+    fn expired_entries_are_forgotten() {
+        let store = MemoryDedupeStore::with_limits(10, Duration::ZERO);
+        let id = MessageId::new();
+        assert_eq!(store.claim_now("s", &id, 1), Claim::Acquired);
+        store.complete_now("s", &id, 1);
+        assert_eq!(store.claim_now("s", &id, 1), Claim::Acquired);
+    }
+
+    #[test]
+    fn scopes_are_separate() {
+        let store = MemoryDedupeStore::new();
+        let id = MessageId::new();
+        assert_eq!(store.claim_now("a", &id, 1), Claim::Acquired);
+        assert_eq!(store.claim_now("b", &id, 1), Claim::Acquired);
+    }
+}
