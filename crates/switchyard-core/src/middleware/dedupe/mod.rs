@@ -37,9 +37,9 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 pub use layer::DedupeLayer;
-pub use policy::{Claim, DedupeStore, MemoryDedupeStore};
+pub use policy::{Claim, DedupeStore, MemoryDedupeStore, StoreFuture};
 
-use crate::envelope::{Envelope, MessageId};
+use crate::envelope::Envelope;
 use crate::outcome::{AckReason, DeadLetterReason, Outcome};
 use crate::runtime::Incoming;
 use crate::transport::BoxFuture;
@@ -86,20 +86,25 @@ impl<S> Dedupe<S> {
     }
 }
 
-/// A stable 64-bit FNV-1a fingerprint of the type, version and payload
-/// (stable across processes and releases, so shared stores can compare it).
+/// A stable 64-bit fingerprint of the type, version and payload: the same
+/// in every process and release, so shared stores can compare it. Not
+/// cryptographic; it tells a reused id from a redelivery.
 pub fn fingerprint(envelope: &Envelope) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = OFFSET;
-    let version = envelope.schema_version.to_be_bytes();
-    let parts: [&[u8]; 4] = [envelope.kind.as_bytes(), &[0], &version, &envelope.payload];
-    for part in parts {
-        for &b in part {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(PRIME);
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h = u64::from(envelope.schema_version);
+    let mut mix = |bytes: &[u8]| {
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            h = (h.rotate_left(5) ^ w).wrapping_mul(K);
         }
-    }
+        let mut tail = [0u8; 8];
+        tail[..words.remainder().len()].copy_from_slice(words.remainder());
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+        h = (h.rotate_left(5) ^ bytes.len() as u64).wrapping_mul(K);
+    };
+    mix(envelope.kind.as_bytes());
+    mix(&envelope.payload);
     h
 }
 
@@ -108,7 +113,7 @@ pub fn fingerprint(envelope: &Envelope) -> u64 {
 struct ReleaseOnDrop {
     store: Arc<dyn DedupeStore>,
     scope: Arc<str>,
-    id: MessageId,
+    envelope: Arc<Envelope>,
     armed: bool,
 }
 
@@ -117,14 +122,15 @@ impl Drop for ReleaseOnDrop {
         if !self.armed {
             return;
         }
-        let (store, scope, id) = (
+        let (store, scope, envelope) = (
             Arc::clone(&self.store),
             Arc::clone(&self.scope),
-            self.id.clone(),
+            Arc::clone(&self.envelope),
         );
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                if let Err(e) = store.release(&scope, &id).await {
+                let id = &envelope.id;
+                if let Err(e) = store.release(&scope, id).await {
                     tracing::warn!(message_id = %id, error = %e, "could not release a dedupe claim");
                 }
             });
@@ -188,7 +194,7 @@ where
             let mut guard = ReleaseOnDrop {
                 store: Arc::clone(&store),
                 scope: Arc::clone(&scope),
-                id: id.clone(),
+                envelope: Arc::clone(&envelope),
                 armed: true,
             };
             let result = handle.await;
@@ -209,5 +215,31 @@ where
             }
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_tell_payloads_types_and_versions_apart() {
+        let a = Envelope::new("t", "payload-one");
+        let fp = fingerprint(&a);
+        assert_eq!(
+            fp,
+            fingerprint(&a.clone().with_id("other id")),
+            "ids do not count"
+        );
+        assert_ne!(fp, fingerprint(&Envelope::new("t", "payload-two")));
+        assert_ne!(fp, fingerprint(&Envelope::new("u", "payload-one")));
+        assert_ne!(fp, fingerprint(&a.clone().with_schema_version(2)));
+        // Length is mixed in: trailing zero bytes change it.
+        assert_ne!(
+            fingerprint(&Envelope::new("t", vec![1u8])),
+            fingerprint(&Envelope::new("t", vec![1u8, 0]))
+        );
+        // Stable across processes and releases.
+        assert_eq!(fingerprint(&Envelope::new("t", "x")), 0xb39a_2876_014e_4a88);
     }
 }

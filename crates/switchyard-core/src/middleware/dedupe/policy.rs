@@ -1,11 +1,46 @@
 //! Where processed message ids are remembered.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use crate::envelope::MessageId;
 use crate::transport::{BoxError, BoxFuture};
+
+/// The future a [`DedupeStore`] returns: already resolved (an in-process
+/// store, no allocation) or a boxed future (a networked one).
+pub enum StoreFuture<'a, T> {
+    /// The answer, at once.
+    Ready(Option<T>),
+    /// The answer, later.
+    Pending(BoxFuture<'a, T>),
+}
+
+impl<T> StoreFuture<'_, T> {
+    /// An answer that is already known.
+    pub fn ready(value: T) -> Self {
+        StoreFuture::Ready(Some(value))
+    }
+}
+
+impl<T: Unpin> Future for StoreFuture<'_, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match self.get_mut() {
+            StoreFuture::Ready(value) => {
+                Poll::Ready(value.take().expect("polled after completion"))
+            }
+            StoreFuture::Pending(future) => future.as_mut().poll(cx),
+        }
+    }
+}
 
 /// What a [`DedupeStore`] says about a message id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +85,7 @@ pub trait DedupeStore: Send + Sync + 'static {
         scope: &'a str,
         id: &'a MessageId,
         fingerprint: u64,
-    ) -> BoxFuture<'a, Result<Claim, BoxError>>;
+    ) -> StoreFuture<'a, Result<Claim, BoxError>>;
 
     /// Records `id` as processed (after the handler succeeded).
     fn complete<'a>(
@@ -58,7 +93,7 @@ pub trait DedupeStore: Send + Sync + 'static {
         scope: &'a str,
         id: &'a MessageId,
         fingerprint: u64,
-    ) -> BoxFuture<'a, Result<(), BoxError>>;
+    ) -> StoreFuture<'a, Result<(), BoxError>>;
 
     /// Gives up a claim (the handler failed): the next delivery may run.
     fn release<'a>(
@@ -75,26 +110,50 @@ struct Entry {
     since: Instant,
 }
 
-type Key = (Arc<str>, MessageId);
+/// A 64-bit digest of (scope, id) under the store's random key: entries
+/// need no strings of their own. Two ids of 100,000 remembered collide with
+/// a probability of about 3 in 10^10, an attacker cannot aim for a
+/// collision without the key, and one would gain nothing over reusing an id.
+type Key = u64;
+
+/// The key is already a keyed hash: use its bits as they are.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 #[derive(Default)]
 struct Entries {
-    map: HashMap<Key, Entry>,
+    map: HashMap<Key, Entry, BuildHasherDefault<KeyHasher>>,
     /// Insertion order, for expiry and eviction; may hold keys that were
     /// released or re-claimed since (checked against `since`).
     order: VecDeque<(Instant, Key)>,
-    scopes: HashMap<Arc<str>, ()>,
 }
 
 /// A bounded, in-process [`DedupeStore`] whose entries expire.
 ///
 /// It remembers at most `capacity` ids (the oldest processed ones are
-/// forgotten first) for at most `ttl` each; a claim still in progress after
-/// `ttl` is treated as abandoned. Only deliveries seen by this process are
+/// forgotten first) for at most `ttl` each, counted from the claim; a claim
+/// still in progress after `ttl` is treated as abandoned. Only deliveries seen by this process are
 /// deduplicated: use a shared store (PostgreSQL, Redis) across processes.
 #[derive(Clone)]
 pub struct MemoryDedupeStore {
     entries: Arc<Mutex<Entries>>,
+    keys: RandomState,
     capacity: usize,
     ttl: Duration,
 }
@@ -125,6 +184,7 @@ impl MemoryDedupeStore {
     pub fn with_limits(capacity: usize, ttl: Duration) -> Self {
         MemoryDedupeStore {
             entries: Arc::default(),
+            keys: RandomState::new(),
             capacity: capacity.max(1),
             ttl,
         }
@@ -144,41 +204,37 @@ impl MemoryDedupeStore {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn key(entries: &mut Entries, scope: &str, id: &MessageId) -> Key {
-        let scope = match entries.scopes.get_key_value(scope) {
-            Some((s, _)) => Arc::clone(s),
-            None => {
-                let s: Arc<str> = scope.into();
-                entries.scopes.insert(Arc::clone(&s), ());
-                s
-            }
-        };
-        (scope, id.clone())
+    fn key(&self, scope: &str, id: &MessageId) -> Key {
+        let mut h = self.keys.build_hasher();
+        scope.hash(&mut h);
+        id.as_str().hash(&mut h);
+        h.finish()
     }
 
     fn evict(&self, entries: &mut Entries, now: Instant) {
-        while let Some((since, key)) = entries.order.front() {
-            let expired = now.duration_since(*since) >= self.ttl;
-            if !expired && entries.map.len() <= self.capacity {
-                break;
-            }
-            let live = entries.map.get(key).is_some_and(|e| e.since == *since);
-            if live && !expired && !entries.map[key].done {
+        while let Some(&(since, key)) = entries.order.front() {
+            let expired = now.duration_since(since) >= self.ttl;
+            let entry = entries.map.get(&key).filter(|e| e.since == since).copied();
+            match entry {
+                // Superseded (re-claimed, completed or released since): drop
+                // the stale order record.
+                None => {}
+                Some(_) if !expired && entries.map.len() <= self.capacity => break,
                 // Over capacity, but in progress: never forget a live claim.
-                break;
+                Some(e) if !expired && !e.done => break,
+                Some(_) => {
+                    entries.map.remove(&key);
+                }
             }
-            let (since, key) = entries.order.pop_front().expect("peeked");
-            if entries.map.get(&key).is_some_and(|e| e.since == since) {
-                entries.map.remove(&key);
-            }
+            entries.order.pop_front();
         }
     }
 
     fn claim_now(&self, scope: &str, id: &MessageId, fingerprint: u64) -> Claim {
+        let key = self.key(scope, id);
         let now = Instant::now();
         let mut entries = self.lock();
         self.evict(&mut entries, now);
-        let key = Self::key(&mut entries, scope, id);
         if let Some(e) = entries.map.get(&key) {
             let stale = now.duration_since(e.since) >= self.ttl;
             if !stale {
@@ -190,7 +246,7 @@ impl MemoryDedupeStore {
             }
         }
         entries.map.insert(
-            key.clone(),
+            key,
             Entry {
                 fingerprint,
                 done: false,
@@ -202,25 +258,34 @@ impl MemoryDedupeStore {
     }
 
     fn complete_now(&self, scope: &str, id: &MessageId, fingerprint: u64) {
-        let now = Instant::now();
+        let key = self.key(scope, id);
         let mut entries = self.lock();
-        let key = Self::key(&mut entries, scope, id);
-        entries.map.insert(
-            key.clone(),
-            Entry {
-                fingerprint,
-                done: true,
-                since: now,
-            },
-        );
-        // Remembered for a full ttl from completion.
-        entries.order.push_back((now, key));
-        self.evict(&mut entries, now);
+        match entries.map.get_mut(&key) {
+            // Completed in place: it keeps its claim's place in the order
+            // (and is remembered for `ttl` from its claim).
+            Some(e) => {
+                e.fingerprint = fingerprint;
+                e.done = true;
+            }
+            // Forgotten while in progress (its claim outlived `ttl`).
+            None => {
+                let now = Instant::now();
+                entries.map.insert(
+                    key,
+                    Entry {
+                        fingerprint,
+                        done: true,
+                        since: now,
+                    },
+                );
+                entries.order.push_back((now, key));
+            }
+        }
     }
 
     fn release_now(&self, scope: &str, id: &MessageId) {
+        let key = self.key(scope, id);
         let mut entries = self.lock();
-        let key = Self::key(&mut entries, scope, id);
         if entries.map.get(&key).is_some_and(|e| !e.done) {
             entries.map.remove(&key);
         }
@@ -233,9 +298,8 @@ impl DedupeStore for MemoryDedupeStore {
         scope: &'a str,
         id: &'a MessageId,
         fingerprint: u64,
-    ) -> BoxFuture<'a, Result<Claim, BoxError>> {
-        let claim = self.claim_now(scope, id, fingerprint);
-        Box::pin(std::future::ready(Ok(claim)))
+    ) -> StoreFuture<'a, Result<Claim, BoxError>> {
+        StoreFuture::ready(Ok(self.claim_now(scope, id, fingerprint)))
     }
 
     fn complete<'a>(
@@ -243,9 +307,9 @@ impl DedupeStore for MemoryDedupeStore {
         scope: &'a str,
         id: &'a MessageId,
         fingerprint: u64,
-    ) -> BoxFuture<'a, Result<(), BoxError>> {
+    ) -> StoreFuture<'a, Result<(), BoxError>> {
         self.complete_now(scope, id, fingerprint);
-        Box::pin(std::future::ready(Ok(())))
+        StoreFuture::ready(Ok(()))
     }
 
     fn release<'a>(

@@ -82,8 +82,7 @@ where
         let cancel = incoming.cancel.clone();
         ResponseFuture {
             inner: self.inner.call(incoming),
-            sleep: tokio::time::sleep(self.limit),
-            started: false,
+            sleep: None,
             cancel,
             limit: self.limit,
         }
@@ -95,11 +94,11 @@ pin_project_lite::pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
+        // Armed when the handler first returns `Pending`: a handler done on
+        // its first poll never touches the timer wheel, and time spent
+        // waiting in outer layers (ordering, dedupe) is not the handler's.
         #[pin]
-        sleep: tokio::time::Sleep,
-        // The clock starts at the first poll: time spent waiting in outer
-        // layers (ordering, dedupe) is not the handler's.
-        started: bool,
+        sleep: Option<tokio::time::Sleep>,
         cancel: CancellationToken,
         limit: Duration,
     }
@@ -113,16 +112,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if !*this.started {
-            *this.started = true;
-            this.sleep
-                .as_mut()
-                .reset(tokio::time::Instant::now() + *this.limit);
-        }
         if let Poll::Ready(out) = this.inner.poll(cx) {
             return Poll::Ready(out);
         }
-        std::task::ready!(this.sleep.poll(cx));
+        if this.sleep.is_none() {
+            this.sleep.set(Some(tokio::time::sleep(*this.limit)));
+        }
+        let sleep = this.sleep.as_pin_mut().expect("armed above");
+        std::task::ready!(sleep.poll(cx));
         this.cancel.cancel();
         Poll::Ready(Ok(Outcome::Retry {
             delay: Duration::ZERO,
