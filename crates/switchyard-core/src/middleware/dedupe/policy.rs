@@ -234,7 +234,6 @@ impl MemoryDedupeStore {
         let key = self.key(scope, id);
         let now = Instant::now();
         let mut entries = self.lock();
-        self.evict(&mut entries, now);
         if let Some(e) = entries.map.get(&key) {
             let stale = now.duration_since(e.since) >= self.ttl;
             if !stale {
@@ -254,6 +253,7 @@ impl MemoryDedupeStore {
             },
         );
         entries.order.push_back((now, key));
+        self.evict(&mut entries, now);
         Claim::Acquired
     }
 
