@@ -53,6 +53,11 @@ pub mod memory {
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
+/// The middleware guide's code, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/middleware.md")]
+pub struct MiddlewareDoctests;
+
 /// The architecture guide's code, compiled and run as a doc test.
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/architecture.md")]

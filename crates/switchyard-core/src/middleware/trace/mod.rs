@@ -9,6 +9,11 @@
 //! from producer to consumer to whatever it publishes. Without an incoming
 //! `traceparent` no trace is started.
 //!
+//! With the `opentelemetry` feature and a `tracing-opentelemetry` layer in
+//! the subscriber, the span's OpenTelemetry parent is the incoming context,
+//! so the delivery's span joins the producer's trace in any OpenTelemetry
+//! backend, and published messages carry the OpenTelemetry span's id.
+//!
 //! # Example
 //!
 //! ```
@@ -23,6 +28,8 @@
 //! ```
 
 mod layer;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -144,13 +151,7 @@ where
             .traceparent
             .as_deref()
             .and_then(TraceParent::parse);
-        let child = parent.map(|p| p.child());
-        if let Some(child) = child {
-            incoming.trace = TraceContext {
-                traceparent: Some(child.to_string()),
-                tracestate: incoming.envelope.trace.tracestate.clone(),
-            };
-        }
+        let mut child = parent.map(|p| p.child());
         let env = &incoming.envelope;
         let span = tracing::info_span!(
             "switchyard.delivery",
@@ -165,6 +166,19 @@ where
             parent_span_id = parent.map(|p| tracing::field::display(format!("{:016x}", p.span_id))),
             outcome = tracing::field::Empty,
         );
+        #[cfg(feature = "opentelemetry")]
+        if let Some(parent) = parent {
+            let tracestate = incoming.envelope.trace.tracestate.as_deref();
+            if let Some(own) = otel::continue_trace(&span, parent, tracestate) {
+                child = Some(own);
+            }
+        }
+        if let Some(child) = child {
+            incoming.trace = TraceContext {
+                traceparent: Some(child.to_string()),
+                tracestate: incoming.envelope.trace.tracestate.clone(),
+            };
+        }
         let inner = {
             let _entered = span.enter();
             self.inner.call(incoming)
