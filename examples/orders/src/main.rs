@@ -1,5 +1,6 @@
 //! The orders demo: events, commands, retries and dead-letters on the
-//! in-process memory transport. No broker needed:
+//! in-process memory transport, with every consumer running the default
+//! middleware stack. No broker needed:
 //!
 //! ```sh
 //! cargo run -p example-orders
@@ -12,13 +13,15 @@
 //! - `ReserveInventory` commands go to the queue `inventory.commands`. Their
 //!   handler publishes `InventoryReserved`; the correlation and causation
 //!   ids are stamped on the event for it.
-//! - Among the commands: one sent twice (handled once), one that succeeds on
-//!   its third attempt, one that never does, one past its deadline and one
-//!   that is not even JSON. The summary shows where each of them ended up.
+//! - Among the commands: one sent twice, one that succeeds on its third
+//!   attempt, one that never does, one past its deadline and one that is not
+//!   even JSON. The handlers only do the work: the middleware skips the
+//!   duplicate, retries with backoff and dead-letters the rest, each with its
+//!   reason. The summary shows where each of them ended up.
 //!
 //! The program checks its own outcome and exits non-zero if anything differs.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::error::Error;
 use std::fmt::Debug;
 use std::process::ExitCode;
@@ -28,11 +31,14 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use switchyard::memory::MemoryTransport;
+use switchyard::middleware::retry::{ExponentialBackoff, RetryEvent};
+use switchyard::middleware::Stack;
 use switchyard::{
-    Codec, Consumer, ConsumerHandle, Context, DeadLetterInfo, DeadLetterReason, Envelope,
-    HandleError, Handler, JsonCodec, Message, MessageId, Publisher, QueueSpec, Router,
-    SubscribeOptions, TopicSpec, Topology, Transport, TransportError,
+    AckReason, Codec, Consumer, ConsumerHandle, Context, DeadLetterInfo, DeadLetterReason,
+    Envelope, HandleError, Handler, JsonCodec, Message, MessageId, Outcome, Publisher, QueueSpec,
+    Router, SubscribeOptions, TopicSpec, Topology, Transport, TransportError,
 };
+use tower::ServiceExt;
 use tracing_subscriber::EnvFilter;
 
 // ---- the messages ---------------------------------------------------------
@@ -106,95 +112,64 @@ async fn open_shipment(order: OrderPlaced, _cx: Context) -> Result<(), HandleErr
     Ok(())
 }
 
-/// The inventory service's handler of `ReserveInventory`. Clones share what
-/// it did, which `main` reads for the summary.
+/// The inventory service's handler of `ReserveInventory`. Clones share the
+/// journal, which `main` reads for the summary.
 #[derive(Clone, Default)]
 struct Inventory {
-    state: Arc<Mutex<InventoryState>>,
+    journal: Arc<Mutex<Journal>>,
 }
 
+/// What happened to the inventory commands.
 #[derive(Default)]
-struct InventoryState {
-    /// Ids of the commands handled, or being handled right now.
-    claimed: HashSet<MessageId>,
-    /// Order id -> the attempt on which its stock was reserved.
-    reserved: BTreeMap<String, u32>,
-    /// Order id -> the attempts that failed.
-    failed: BTreeMap<String, Vec<u32>>,
-    /// Orders of commands skipped as duplicates.
-    duplicates: Vec<String>,
+struct Journal {
+    /// (order id, attempt) of each reservation made, noted by the handler.
+    reserved: Vec<(String, u32)>,
+    /// Message id -> the attempts that failed, noted by the retry hooks.
+    failed: BTreeMap<MessageId, Vec<u32>>,
+    /// Copies acknowledged by the dedupe layer without calling the handler.
+    duplicates: u32,
 }
 
 impl Inventory {
-    fn state(&self) -> MutexGuard<'_, InventoryState> {
-        self.state
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal
             .lock()
-            .expect("no handler panics while holding the lock")
+            .expect("nothing panics while holding the lock")
     }
 
-    async fn reserve(&self, cmd: &ReserveInventory, cx: &Context) -> Result<(), HandleError> {
+    /// Notes an attempt that failed (called by the retry hooks).
+    fn note_failed(&self, event: &RetryEvent<'_>) {
+        let mut journal = self.journal();
+        let attempts = journal.failed.entry(event.message_id.clone());
+        attempts.or_default().push(event.attempt);
+    }
+}
+
+impl Handler<ReserveInventory> for Inventory {
+    async fn handle(&self, cmd: ReserveInventory, cx: &Context) -> Result<(), HandleError> {
+        // No duplicate or deadline checks here: the middleware does those
+        // before the handler is called.
         call_warehouse(&cmd.sku, cx.attempt())?;
         // Published through the context, the event continues the command's
         // conversation: same correlation id, and the command's id as its
         // causation id.
         let event = InventoryReserved {
             order_id: cmd.order_id.clone(),
-            sku: cmd.sku.clone(),
+            sku: cmd.sku,
             quantity: cmd.quantity,
         };
         cx.publish(INVENTORY_EVENTS, &event).await?;
+        self.journal().reserved.push((cmd.order_id, cx.attempt()));
         Ok(())
-    }
-}
-
-impl Handler<ReserveInventory> for Inventory {
-    async fn handle(&self, cmd: ReserveInventory, cx: &Context) -> Result<(), HandleError> {
-        // Work nobody waits for any more is not started. The deadline
-        // middleware (coming later) will do this for every handler.
-        if cx.remaining() == Some(Duration::ZERO) {
-            return Err(
-                HandleError::permanent("deadline passed").with_reason(DeadLetterReason::Expired)
-            );
-        }
-
-        // Brokers deliver at least once, so the same command can arrive twice.
-        // Claiming its id first means a second copy, even one running right
-        // now, is acknowledged without reserving again. The dedupe middleware
-        // (coming later) will do this generically, with a shared store.
-        let first_copy = self.state().claimed.insert(cx.message_id().clone());
-        if !first_copy {
-            self.state().duplicates.push(cmd.order_id);
-            return Ok(());
-        }
-
-        let result = self.reserve(&cmd, cx).await;
-        let mut state = self.state();
-        match &result {
-            Ok(()) => {
-                state.reserved.insert(cmd.order_id, cx.attempt());
-            }
-            Err(_) => {
-                // Give the claim back: the runtime retries or dead-letters it.
-                state.claimed.remove(cx.message_id());
-                state
-                    .failed
-                    .entry(cmd.order_id)
-                    .or_default()
-                    .push(cx.attempt());
-            }
-        }
-        result
     }
 }
 
 /// Stands in for the warehouse's API: the warehouse of `sku-flaky` times out
 /// twice before answering, the one of `sku-offline` never answers.
 fn call_warehouse(sku: &str, attempt: u32) -> Result<(), HandleError> {
-    let try_again_soon =
-        |why: &'static str| HandleError::transient(why).with_retry_after(Duration::from_millis(50));
     match sku {
-        "sku-flaky" if attempt < 3 => Err(try_again_soon("warehouse timed out")),
-        "sku-offline" => Err(try_again_soon("warehouse unreachable")),
+        "sku-flaky" if attempt < 3 => Err(HandleError::transient("warehouse timed out")),
+        "sku-offline" => Err(HandleError::transient("warehouse unreachable")),
         _ => Ok(()),
     }
 }
@@ -334,24 +309,21 @@ async fn run() -> Result<Vec<String>, Box<dyn Error>> {
         ReserveInventory::TYPE
     );
 
-    // 2. Consume: one consumer per queue, each with its own router.
+    // 2. Consume: one consumer per queue, each with its own router inside
+    //    the default middleware stack.
     println!("consume");
     let inventory = Inventory::default();
     let reservations = ReservationsSeen::default();
     let consumers: Vec<ConsumerHandle> = vec![
         Consumer::builder(broker.clone(), BILLING)
-            .serve(Router::builder().route(charge_payment).build())
+            .serve_default(Router::builder().route(charge_payment).build())
             .spawn(),
         Consumer::builder(broker.clone(), SHIPPING)
-            .serve(Router::builder().route(open_shipment).build())
+            .serve_default(Router::builder().route(open_shipment).build())
             .spawn(),
-        Consumer::builder(broker.clone(), INVENTORY_COMMANDS)
-            .concurrency(4)
-            .max_attempts(3)
-            .serve(Router::builder().route(inventory.clone()).build())
-            .spawn(),
+        spawn_inventory(&broker, &inventory),
         Consumer::builder(broker.clone(), SHIPPING_RESERVED)
-            .serve(Router::builder().route(reservations.clone()).build())
+            .serve_default(Router::builder().route(reservations.clone()).build())
             .spawn(),
     ];
 
@@ -387,7 +359,7 @@ async fn run() -> Result<Vec<String>, Box<dyn Error>> {
         }
     }
 
-    report_inventory(&inventory, &mut problems);
+    report_inventory(&inventory, &command_ids, &mut problems);
     check_conversations(&reservations, &command_ids, &mut problems);
 
     // 4. Read the dead-letter queue: each message carries why it is there.
@@ -404,36 +376,39 @@ async fn run() -> Result<Vec<String>, Box<dyn Error>> {
     Ok(problems)
 }
 
-/// Prints what the inventory handler reserved, retried and skipped.
-fn report_inventory(inventory: &Inventory, problems: &mut Vec<String>) {
-    let state = inventory.state();
-    for (order_id, attempt) in &state.reserved {
+/// Prints what happened to the inventory commands.
+fn report_inventory(
+    inventory: &Inventory,
+    command_ids: &BTreeMap<&str, MessageId>,
+    problems: &mut Vec<String>,
+) {
+    let journal = inventory.journal();
+    for (order_id, attempt) in &journal.reserved {
         println!("  reserved   {order_id} on attempt {attempt}");
     }
-    for (order_id, attempts) in &state.failed {
-        let then = match state.reserved.get(order_id) {
-            Some(ok) => format!("reserved on attempt {ok}"),
+    let mut failed = BTreeMap::new();
+    for (order_id, id) in command_ids {
+        let Some(attempts) = journal.failed.get(id) else {
+            continue;
+        };
+        let then = match journal.reserved.iter().find(|(o, _)| o == order_id) {
+            Some((_, ok)) => format!("reserved on attempt {ok}"),
             None => "gave up".to_owned(),
         };
         println!("  retried    {order_id}: attempts {attempts:?} failed, then {then}");
+        failed.insert(*order_id, attempts.clone());
     }
-    for order_id in &state.duplicates {
-        println!("  duplicate  {order_id}: the second copy was acked without reserving again");
-    }
-
-    let reserved = BTreeMap::from([("order-1001".to_owned(), 1), ("order-1002".to_owned(), 3)]);
-    expect(problems, "reserved", &state.reserved, &reserved);
-    let failed = BTreeMap::from([
-        ("order-1002".to_owned(), vec![1, 2]),
-        ("order-1003".to_owned(), vec![1, 2, 3]),
-    ]);
-    expect(problems, "failed attempts", &state.failed, &failed);
-    expect(
-        problems,
-        "duplicates",
-        &state.duplicates,
-        &vec!["order-1001".to_owned()],
+    println!(
+        "  duplicate  {} copy acked by the dedupe layer without calling the handler",
+        journal.duplicates
     );
+
+    // Reserved once each: the second copy of order-1001 never reached the handler.
+    let reserved = vec![("order-1001".to_owned(), 1), ("order-1002".to_owned(), 3)];
+    expect(problems, "reserved", &journal.reserved, &reserved);
+    let expected = BTreeMap::from([("order-1002", vec![1, 2]), ("order-1003", vec![1, 2, 3])]);
+    expect(problems, "failed attempts", &failed, &expected);
+    expect(problems, "duplicates", &journal.duplicates, &1);
 }
 
 /// Checks that every `InventoryReserved` continued its command's
@@ -492,6 +467,49 @@ async fn report_dead_letters(
     ];
     expect(problems, "dead letters", &reasons, &expected);
     Ok(())
+}
+
+/// The inventory consumer: the default middleware stack with a short retry
+/// backoff and hooks that note each failed attempt, inside one layer of our
+/// own that counts the duplicates the stack acknowledged.
+fn spawn_inventory(broker: &MemoryTransport, inventory: &Inventory) -> ConsumerHandle {
+    let stack = Stack::new()
+        .retry_policy(ExponentialBackoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(100),
+        ))
+        .on_retry({
+            let inventory = inventory.clone();
+            move |event, _delay| inventory.note_failed(event)
+        })
+        .on_dead_letter({
+            let inventory = inventory.clone();
+            move |event, reason| {
+                // Out of attempts: the last one failed too.
+                if *reason == DeadLetterReason::MaxAttempts {
+                    inventory.note_failed(event);
+                }
+            }
+        })
+        .build(Router::builder().route(inventory.clone()).build());
+    // A duplicate never reaches the handler: only the stack's outcome shows it.
+    let count_duplicates = {
+        let inventory = inventory.clone();
+        move |outcome: Outcome| {
+            if outcome == Outcome::Ack(AckReason::Duplicate) {
+                inventory.journal().duplicates += 1;
+            }
+            outcome
+        }
+    };
+    Consumer::builder(broker.clone(), INVENTORY_COMMANDS)
+        // One at a time, so that the second copy of order-1001 arrives after
+        // the first is done. (A copy arriving while the first still runs is
+        // held back and retried a second later, which would slow the demo.)
+        .concurrency(1)
+        .max_attempts(3)
+        .serve(stack.map_response(count_duplicates))
+        .spawn()
 }
 
 /// A `ReserveInventory` envelope for `order_id`, part of the conversation

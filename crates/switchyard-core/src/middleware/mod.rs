@@ -129,7 +129,14 @@ impl Stack {
 
     /// Deduplicates through `store`.
     pub fn dedupe_store(mut self, store: impl DedupeStore) -> Self {
-        self.dedupe = DedupeLayer::new(store);
+        self.dedupe = DedupeLayer::new(store).busy_retry(self.dedupe.busy_retry_delay());
+        self
+    }
+
+    /// How long a copy of a message that is being handled right now (or one
+    /// that met an unreachable dedupe store) is held back. Default 1 s.
+    pub fn dedupe_busy_retry(mut self, delay: std::time::Duration) -> Self {
+        self.dedupe = self.dedupe.busy_retry(delay);
         self
     }
 
@@ -154,7 +161,11 @@ impl Stack {
         self
     }
 
-    /// Calls `hook` for each dead-letter decided by the pipeline.
+    /// Calls `hook` for each dead-letter the retry layer sees: permanent
+    /// errors, exhausted attempts (timeouts and panics included) and what
+    /// the router refuses (undecodable payloads). Dead-letters decided by
+    /// the outer layers (validate, deadline, dedupe's `id-reuse`) do not
+    /// pass through it; the metrics layer counts every dead-letter.
     pub fn on_dead_letter<F>(mut self, hook: F) -> Self
     where
         F: Fn(&RetryEvent<'_>, &crate::DeadLetterReason) + Send + Sync + 'static,

@@ -37,6 +37,11 @@ impl DedupeLayer {
         }
     }
 
+    /// The delay set with [`busy_retry`](Self::busy_retry).
+    pub fn busy_retry_delay(&self) -> Duration {
+        self.busy_retry
+    }
+
     /// How long to hold back a delivery whose id is being handled by
     /// another one (and one that met an unreachable store). Default 1 s.
     pub fn busy_retry(mut self, delay: Duration) -> Self {

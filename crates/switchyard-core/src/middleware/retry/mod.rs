@@ -133,6 +133,7 @@ where
             Err(e) => return Poll::Ready(Err(e)),
         };
         let event = |detail| RetryEvent {
+            envelope: this.envelope,
             message_id: &this.envelope.id,
             kind: &this.envelope.kind,
             attempt: *this.attempt,

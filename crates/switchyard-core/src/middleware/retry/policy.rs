@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::envelope::MessageId;
+use crate::envelope::{Envelope, MessageId};
 use crate::outcome::DeadLetterReason;
 
 /// Decides the delay before the next attempt.
@@ -89,7 +89,9 @@ impl RetryPolicy for ExponentialBackoff {
 /// What the retry layer tells its hooks.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryEvent<'a> {
-    /// The message.
+    /// The whole envelope (correlation id, headers, ...).
+    pub envelope: &'a Envelope,
+    /// The message id.
     pub message_id: &'a MessageId,
     /// Its type.
     pub kind: &'a str,

@@ -151,7 +151,7 @@ where
             .traceparent
             .as_deref()
             .and_then(TraceParent::parse);
-        let mut child = parent.map(|p| p.child());
+        let child = parent.map(|p| p.child());
         let env = &incoming.envelope;
         let span = tracing::info_span!(
             "switchyard.delivery",
@@ -166,13 +166,14 @@ where
             parent_span_id = parent.map(|p| tracing::field::display(format!("{:016x}", p.span_id))),
             outcome = tracing::field::Empty,
         );
+        // With OpenTelemetry, the span's own id (if a tracer gave it one)
+        // is what published messages should point at.
         #[cfg(feature = "opentelemetry")]
-        if let Some(parent) = parent {
-            let tracestate = incoming.envelope.trace.tracestate.as_deref();
-            if let Some(own) = otel::continue_trace(&span, parent, tracestate) {
-                child = Some(own);
-            }
-        }
+        let child = parent
+            .and_then(|p| {
+                otel::continue_trace(&span, p, incoming.envelope.trace.tracestate.as_deref())
+            })
+            .or(child);
         if let Some(child) = child {
             incoming.trace = TraceContext {
                 traceparent: Some(child.to_string()),
