@@ -6,7 +6,8 @@
 //! dead-letter with a reason, bound in-flight work, and drain on shutdown.
 //!
 //! This crate re-exports [`switchyard_core`] and, behind cargo features, the
-//! broker adapters (`memory`, on by default).
+//! broker adapters (`memory`, on by default; `rabbitmq`), plus
+//! `opentelemetry` for OpenTelemetry span parents.
 //!
 //! ```
 //! use serde::{Deserialize, Serialize};
@@ -46,6 +47,12 @@ pub use switchyard_core::*;
 #[cfg(feature = "memory")]
 pub mod memory {
     pub use switchyard_memory::*;
+}
+
+/// The RabbitMQ transport (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq {
+    pub use switchyard_rabbitmq::*;
 }
 
 /// The README's code, compiled and run as a doc test.

@@ -1,0 +1,518 @@
+//! The RabbitMQ transport: connection, topology, publishing with confirms,
+//! consuming with manual acknowledgements, and settlement.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Acker, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use switchyard_core::transport::BoxFuture;
+use switchyard_core::{
+    Capabilities, DeadLetterInfo, Delivery, DeliveryStream, Envelope, OrderingSupport, QueueSpec,
+    Settlement, Settler, SubscribeOptions, Support, Topology, Transport, TransportError,
+    TransportErrorKind,
+};
+
+use crate::config::{QueueKind, RabbitConfig};
+use crate::wire;
+
+const PUBLISH_CHANNELS: usize = 8;
+
+/// A RabbitMQ transport: one connection, a small pool of publisher
+/// channels, a channel per subscription. Clones share the connection.
+#[derive(Clone)]
+pub struct RabbitTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RabbitConfig,
+    connection: Connection,
+    /// Each publisher channel has at most one unconfirmed message, so a
+    /// `basic.return` is always attributed to the publish it belongs to.
+    publishers: Vec<tokio::sync::Mutex<Channel>>,
+    next_publisher: AtomicUsize,
+    topics: Mutex<HashSet<String>>,
+    dead_letters: Mutex<HashMap<String, String>>,
+}
+
+impl fmt::Debug for RabbitTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn amqp_error(what: &str, e: lapin::Error) -> TransportError {
+    let kind = match e.kind() {
+        lapin::ErrorKind::ProtocolError(p)
+            if *p.kind()
+                == lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND) =>
+        {
+            TransportErrorKind::NotFound
+        }
+        lapin::ErrorKind::ProtocolError(_) => TransportErrorKind::Rejected,
+        lapin::ErrorKind::InvalidChannelState(..) => TransportErrorKind::StaleDelivery,
+        _ => TransportErrorKind::Connection,
+    };
+    TransportError::new(kind, what.to_owned()).with_source(e)
+}
+
+fn stale(source: &str) -> TransportError {
+    TransportError::new(
+        TransportErrorKind::StaleDelivery,
+        format!("the channel of this delivery from {source:?} is gone; RabbitMQ redelivers it"),
+    )
+}
+
+impl RabbitTransport {
+    /// Connects with `config`.
+    pub async fn connect(config: RabbitConfig) -> Result<Self, TransportError> {
+        config.check()?;
+        let mut props = ConnectionProperties::default();
+        if let Some(name) = &config.connection_name {
+            props = props.with_connection_name(name.clone().into());
+        }
+        let connection = Connection::connect(config.url_with_heartbeat().as_str(), props)
+            .await
+            .map_err(|e| {
+                TransportError::new(
+                    TransportErrorKind::Connection,
+                    format!("cannot connect to {}", config.redacted_url()),
+                )
+                .with_source(e)
+            })?;
+        let mut publishers = Vec::with_capacity(PUBLISH_CHANNELS);
+        for _ in 0..PUBLISH_CHANNELS {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| amqp_error("cannot open a channel", e))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| amqp_error("cannot enable publisher confirms", e))?;
+            publishers.push(tokio::sync::Mutex::new(channel));
+        }
+        tracing::debug!(url = %config.redacted_url(), "connected to RabbitMQ");
+        Ok(RabbitTransport {
+            inner: Arc::new(Inner {
+                config,
+                connection,
+                publishers,
+                next_publisher: AtomicUsize::new(0),
+                topics: Mutex::default(),
+                dead_letters: Mutex::default(),
+            }),
+        })
+    }
+
+    /// The delay tiers and the names of their queues for `source`.
+    fn tiers(&self, source: &str) -> Vec<(Duration, String)> {
+        self.inner
+            .config
+            .delay_tiers
+            .iter()
+            .map(|d| (*d, format!("{source}.retry.{}ms", d.as_millis())))
+            .collect()
+    }
+
+    fn dead_letter_of(&self, source: &str) -> String {
+        self.inner
+            .dead_letters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(source)
+            .cloned()
+            .unwrap_or_else(|| format!("{source}.dlq"))
+    }
+
+    fn queue_args(&self, kind: QueueKind) -> FieldTable {
+        let mut args = FieldTable::default();
+        if kind == QueueKind::Quorum {
+            args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+        }
+        if let Some(expires) = self.inner.config.queue_expires {
+            let ms = i64::try_from(expires.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+        }
+        args
+    }
+
+    async fn declare_queue(&self, ch: &Channel, name: &str, args: FieldTable) -> Result<(), TransportError> {
+        ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args)
+            .await
+            .map(drop)
+            .map_err(|e| amqp_error(&format!("cannot declare queue {name:?}"), e))
+    }
+
+    async fn declare_all(&self, topology: &Topology) -> Result<(), TransportError> {
+        let ch = self
+            .inner
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("cannot open a channel", e))?;
+        let kind = self.inner.config.queue_kind;
+        for q in &topology.queues {
+            self.declare_consumer_queue(&ch, q, kind).await?;
+        }
+        for t in &topology.topics {
+            ch.exchange_declare(
+                t.name.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error(&format!("cannot declare exchange {:?}", t.name), e))?;
+            for queue in &t.subscriptions {
+                ch.queue_bind(
+                    queue.as_str().into(),
+                    t.name.as_str().into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| amqp_error(&format!("cannot bind {queue:?} to {:?}", t.name), e))?;
+            }
+            self.inner
+                .topics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(t.name.clone());
+        }
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    async fn declare_consumer_queue(&self, ch: &Channel, q: &QueueSpec, kind: QueueKind) -> Result<(), TransportError> {
+        let dlq = q.dead_letter.clone().unwrap_or_else(|| format!("{}.dlq", q.name));
+        self.declare_queue(ch, &dlq, self.queue_args(kind)).await?;
+        self.declare_queue(ch, &q.name, self.queue_args(kind)).await?;
+        // Delay tiers: classic queues whose messages expire after the tier's
+        // delay and are dead-lettered back to the source through the default
+        // exchange. One queue per tier, so messages in a tier share one TTL
+        // and never wait behind a longer one (no head-of-line blocking).
+        for (delay, tier) in self.tiers(&q.name) {
+            let mut args = self.queue_args(QueueKind::Classic);
+            let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from("")));
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(LongString::from(q.name.as_bytes().to_vec())),
+            );
+            self.declare_queue(ch, &tier, args).await?;
+        }
+        self.inner
+            .dead_letters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(q.name.clone(), dlq);
+        Ok(())
+    }
+
+    /// Publishes on one pooled channel and waits for the broker's confirm.
+    async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        envelope: &Envelope,
+        prior_attempts: u32,
+    ) -> Result<(), TransportError> {
+        let max = self.inner.config.max_payload;
+        if envelope.payload.len() > max {
+            return Err(TransportError::new(
+                TransportErrorKind::TooLarge,
+                format!(
+                    "payload of {} bytes is over the {max}-byte limit configured for RabbitMQ",
+                    envelope.payload.len()
+                ),
+            ));
+        }
+        let props = wire::encode(envelope, prior_attempts);
+        let i = self.inner.next_publisher.fetch_add(1, Ordering::Relaxed) % PUBLISH_CHANNELS;
+        let channel = self.inner.publishers[i].lock().await;
+        let confirm = async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &envelope.payload,
+                    props,
+                )
+                .await?
+                .await
+        };
+        let confirmation = tokio::time::timeout(self.inner.config.publish_timeout, confirm)
+            .await
+            .map_err(|_| {
+                TransportError::new(
+                    TransportErrorKind::Timeout,
+                    format!("no publisher confirm within {:?}", self.inner.config.publish_timeout),
+                )
+            })?
+            .map_err(|e| amqp_error("publish failed", e))?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(TransportError::new(
+                TransportErrorKind::NotFound,
+                format!(
+                    "unroutable: no queue is bound for {:?} on exchange {:?} ({} {})",
+                    routing_key, exchange, returned.reply_code, returned.reply_text
+                ),
+            )),
+            Confirmation::Nack(_) => Err(TransportError::new(
+                TransportErrorKind::Rejected,
+                "RabbitMQ refused the message (negative publisher confirm)",
+            )),
+            Confirmation::NotRequested => Err(TransportError::new(
+                TransportErrorKind::Other,
+                "publisher confirms are not enabled on this channel",
+            )),
+        }
+    }
+
+    async fn publish_to(&self, destination: &str, envelope: &Envelope) -> Result<(), TransportError> {
+        let is_topic = self
+            .inner
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(destination);
+        if is_topic {
+            return self.publish_raw(destination, &envelope.kind, envelope, 0).await;
+        }
+        match self.publish_raw("", destination, envelope, 0).await {
+            Err(e) if e.kind() == TransportErrorKind::NotFound && self.exchange_exists(destination).await => {
+                self.inner
+                    .topics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(destination.to_owned());
+                self.publish_raw(destination, &envelope.kind, envelope, 0).await
+            }
+            other => other,
+        }
+    }
+
+    /// Whether an exchange named `name` exists (a passive declare on a
+    /// throwaway channel: a missing one closes the channel).
+    async fn exchange_exists(&self, name: &str) -> bool {
+        let Ok(ch) = self.inner.connection.create_channel().await else {
+            return false;
+        };
+        let found = ch
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        if found {
+            let _ = ch.close(200, "checked".into()).await;
+        }
+        found
+    }
+
+    async fn subscribe_to(&self, source: &str, options: SubscribeOptions) -> Result<DeliveryStream, TransportError> {
+        let ch = self
+            .inner
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("cannot open a channel", e))?;
+        let prefetch = u16::try_from(options.prefetch).unwrap_or(u16::MAX);
+        ch.basic_qos(prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| amqp_error("cannot set the prefetch", e))?;
+        let consumer = ch
+            .basic_consume(
+                source.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error(&format!("cannot consume from {source:?}"), e))?;
+        let source: Arc<str> = source.into();
+        let transport = self.clone();
+        let classic = self.inner.config.queue_kind == QueueKind::Classic;
+        let stream = consumer.map(move |delivery| {
+            let d = delivery.map_err(|e| amqp_error("the subscription failed", e))?;
+            let redelivered = d.redelivered;
+            let (envelope, counts) = wire::decode(&d.properties, d.data);
+            // Attempts: delay-tier retries recorded in the copy, plus the
+            // broker's count of earlier deliveries of this copy (quorum
+            // queues count crashes and requeues; classic ones only flag them).
+            let earlier = if classic { u32::from(redelivered) } else { counts.delivery_count };
+            let attempt = counts.prior_attempts.saturating_add(earlier).saturating_add(1);
+            let settler = RabbitSettler {
+                transport: transport.clone(),
+                acker: Some(d.acker),
+                source: Arc::clone(&source),
+                envelope: Arc::new(envelope),
+                attempt,
+            };
+            let envelope = Arc::clone(&settler.envelope);
+            Ok(Delivery::new(envelope, attempt, Box::new(settler)))
+        });
+        Ok(Box::pin(stream))
+    }
+}
+
+/// Settles one delivery: acks through its acker, and republishes (with
+/// confirms) before acking for retries and dead-letters.
+struct RabbitSettler {
+    transport: RabbitTransport,
+    acker: Option<Acker>,
+    source: Arc<str>,
+    envelope: Arc<Envelope>,
+    attempt: u32,
+}
+
+impl RabbitSettler {
+    async fn ack(acker: &Acker, source: &str) -> Result<(), TransportError> {
+        match acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            // The channel is gone: the broker redelivers the message.
+            Ok(false) => Err(stale(source)),
+            Err(e) => Err(amqp_error("ack failed", e)),
+        }
+    }
+
+    async fn requeue(acker: &Acker, source: &str) -> Result<(), TransportError> {
+        let options = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        match acker.nack(options).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(stale(source)),
+            Err(e) => Err(amqp_error("nack failed", e)),
+        }
+    }
+
+    async fn settle_now(self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
+        let mut this = self;
+        let acker = this.acker.take().expect("settled once");
+        let source = Arc::clone(&this.source);
+        match settlement {
+            Settlement::Ack => Self::ack(&acker, &source).await,
+            Settlement::Release => Self::requeue(&acker, &source).await,
+            Settlement::Retry { delay } if delay.is_zero() => Self::requeue(&acker, &source).await,
+            Settlement::Retry { delay } => {
+                let tiers = this.transport.tiers(&source);
+                let (_, tier) = tiers
+                    .iter()
+                    .find(|(d, _)| *d >= delay)
+                    .or(tiers.last())
+                    .ok_or_else(|| TransportError::new(TransportErrorKind::Config, "no delay tiers configured"))?;
+                // Into the tier first (confirmed), then off the source: a
+                // crash in between leaves a duplicate, never a loss.
+                if let Err(e) = this.transport.publish_raw("", tier, &this.envelope, this.attempt).await {
+                    let _ = Self::requeue(&acker, &source).await;
+                    return Err(e);
+                }
+                Self::ack(&acker, &source).await
+            }
+            Settlement::DeadLetter {
+                reason,
+                detail,
+                attempts,
+            } => {
+                let dlq = this.transport.dead_letter_of(&source);
+                let mut envelope = Envelope::clone(&this.envelope);
+                DeadLetterInfo {
+                    reason,
+                    detail,
+                    attempts,
+                    source: source.to_string(),
+                    at: SystemTime::now(),
+                }
+                .write_to(&mut envelope.headers);
+                if let Err(e) = this.transport.publish_raw("", &dlq, &envelope, 0).await {
+                    let _ = Self::requeue(&acker, &source).await;
+                    return Err(e);
+                }
+                Self::ack(&acker, &source).await
+            }
+        }
+    }
+}
+
+impl Settler for RabbitSettler {
+    fn settle(self: Box<Self>, settlement: Settlement) -> BoxFuture<'static, Result<(), TransportError>> {
+        Box::pin(self.settle_now(settlement))
+    }
+}
+
+impl Drop for RabbitSettler {
+    fn drop(&mut self) {
+        // Dropped unsettled: give it back (lapin's acker does nothing on drop).
+        let Some(acker) = self.acker.take() else { return };
+        let source = Arc::clone(&self.source);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = Self::requeue(&acker, &source).await {
+                    tracing::debug!(error = %e, "could not requeue a dropped delivery; the broker redelivers it when its channel closes");
+                }
+            });
+        }
+    }
+}
+
+impl Transport for RabbitTransport {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::full();
+        caps.delayed_retry = Support::Emulated;
+        caps.dead_letter = Support::Emulated;
+        caps.lease_extension = Support::Unsupported;
+        caps.delivery_count = Support::Emulated;
+        // A requeue counts as a delivery on quorum queues.
+        caps.release_counts_attempt = true;
+        caps.max_retry_delay = self.inner.config.delay_tiers.iter().max().copied();
+        caps.ordering = OrderingSupport::PerSource;
+        caps.max_payload = Some(self.inner.config.max_payload);
+        caps
+    }
+
+    fn declare<'a>(&'a self, topology: &'a Topology) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(self.declare_all(topology))
+    }
+
+    fn publish<'a>(&'a self, destination: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move { self.publish_to(destination, &envelope).await })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        source: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
+        Box::pin(self.subscribe_to(source, options))
+    }
+}

@@ -1,0 +1,168 @@
+//! Behaviour specific to RabbitMQ, against the broker on 127.0.0.1:5672.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use switchyard_core::{
+    Consumer, Context, DeadLetterInfo, DeadLetterReason, Envelope, HandleError, Message,
+    QueueSpec, Settlement, SubscribeOptions, TopicSpec, Topology, Transport, TransportErrorKind,
+};
+use switchyard_rabbitmq::{RabbitConfig, RabbitTransport};
+
+fn url() -> String {
+    std::env::var("SWITCHYARD_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn connect() -> RabbitTransport {
+    RabbitTransport::connect(RabbitConfig::new(url()).queue_expires(Duration::from_secs(60)))
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672")
+}
+
+fn unique(name: &str) -> String {
+    format!("sy-test-{name}-{}", &switchyard_core::MessageId::new().as_str()[24..])
+}
+
+async fn queue(t: &RabbitTransport, name: &str) -> String {
+    let q = unique(name);
+    t.declare(&Topology::new().queue(QueueSpec::new(&q))).await.unwrap();
+    q
+}
+
+#[tokio::test]
+async fn a_topic_without_bindings_refuses_the_message() {
+    let t = connect().await;
+    let topic = unique("lonely-topic");
+    t.declare(&Topology::new().topic(TopicSpec::new(&topic))).await.unwrap();
+    let err = t.publish(&topic, Envelope::new("t", "x")).await.unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains("unroutable"), "{err}");
+}
+
+#[tokio::test]
+async fn a_delay_is_rounded_up_to_its_tier_and_never_shortened() {
+    let t = RabbitTransport::connect(
+        RabbitConfig::new(url())
+            .queue_expires(Duration::from_secs(60))
+            .delay_tiers([Duration::from_millis(500), Duration::from_secs(2)]),
+    )
+    .await
+    .unwrap();
+    let q = queue(&t, "tiers").await;
+    t.publish(&q, Envelope::new("t", "x")).await.unwrap();
+    let mut s = t.subscribe(&q, SubscribeOptions::default()).await.unwrap();
+    let first = s.next().await.unwrap().unwrap();
+    let settled = Instant::now();
+    // 700 ms is not a tier: it goes to the 2 s one.
+    first.settle(Settlement::Retry { delay: Duration::from_millis(700) }).await.unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), s.next()).await.unwrap().unwrap().unwrap();
+    let waited = settled.elapsed();
+    assert!(waited >= Duration::from_secs(2), "came back after {waited:?}");
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Poison {
+    n: u32,
+}
+
+impl Message for Poison {
+    const TYPE: &'static str = "test.poison";
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts_with_headers_intact() {
+    let t = RabbitTransport::connect(
+        RabbitConfig::new(url())
+            .queue_expires(Duration::from_secs(60))
+            .delay_tiers([Duration::from_millis(100)]),
+    )
+    .await
+    .unwrap();
+    let q = queue(&t, "poison").await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let router = switchyard_core::Router::builder()
+        .route({
+            let calls = Arc::clone(&calls);
+            move |_: Poison, _: Context| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(HandleError::transient("still broken")) }
+            }
+        })
+        .build();
+    let consumer = Consumer::builder(t.clone(), q.clone()).max_attempts(4).serve_default(router).spawn();
+    let env = Envelope::new(Poison::TYPE, r#"{"n":1}"#)
+        .with_correlation_id("corr-poison")
+        .with_header("x-keep", "me");
+    let id = env.id.clone();
+    t.publish(&q, env).await.unwrap();
+    let mut dead = t.subscribe(&format!("{q}.dlq"), SubscribeOptions::default()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(30), dead.next()).await.unwrap().unwrap().unwrap();
+    let report = consumer.shutdown().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 4, "exactly max_attempts handler calls ({report:?})");
+    let env = d.envelope().clone();
+    d.ack().await.unwrap();
+    assert_eq!(env.id, id);
+    assert_eq!(env.correlation_id.as_deref(), Some("corr-poison"));
+    assert_eq!(env.headers.get("x-keep"), Some("me"));
+    let info = DeadLetterInfo::read_from(&env.headers).unwrap();
+    assert_eq!(info.reason, DeadLetterReason::MaxAttempts);
+    assert_eq!((info.attempts, info.detail.as_str(), info.source.as_str()), (4, "still broken", q.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_connection_dies_mid_handler_loses_nothing() {
+    let q = {
+        let t = connect().await;
+        let q = queue(&t, "killed").await;
+        for n in 0..20 {
+            t.publish(&q, Envelope::new("t", format!("{n}"))).await.unwrap();
+        }
+        q
+    };
+    // A consumer takes some messages and "dies": its connection goes away
+    // with deliveries unacknowledged.
+    {
+        let victim = connect().await;
+        let mut s = victim.subscribe(&q, SubscribeOptions::default().prefetch(5)).await.unwrap();
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(s.next().await.unwrap().unwrap());
+        }
+        std::mem::forget(held); // no settlement, not even the drop-time requeue
+        drop(s);
+        drop(victim);
+    }
+    let survivor = connect().await;
+    let mut s = survivor.subscribe(&q, SubscribeOptions::default().prefetch(20)).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut redelivered = 0;
+    while seen.len() < 20 {
+        let d = tokio::time::timeout(Duration::from_secs(30), s.next())
+            .await
+            .expect("every message comes back")
+            .unwrap()
+            .unwrap();
+        if d.attempt() > 1 {
+            redelivered += 1;
+        }
+        seen.insert(String::from_utf8(d.envelope().payload.to_vec()).unwrap());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(redelivered, 5, "the five held by the dead consumer count an attempt");
+}
+
+#[tokio::test]
+async fn the_password_never_shows_in_errors_or_debug() {
+    let config = RabbitConfig::new("amqp://guest:hunter2-secret@127.0.0.1:1/%2f");
+    assert!(!format!("{config:?}").contains("hunter2"));
+    let err = RabbitTransport::connect(config).await.unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connection);
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("guest:***@127.0.0.1:1"), "{text}");
+}
