@@ -455,3 +455,57 @@ fn outcome_labels_are_stable() {
     assert_eq!(Outcome::Ack(AckReason::Duplicate).label(), "duplicate");
     let _ = Instant::now();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_of_a_keyed_message_does_not_block_its_key() {
+    let broker = broker().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let router = counting_router(&calls, |_, _| Ok(()));
+    let consumer = Consumer::builder(broker.clone(), "jobs")
+        .serve_default(router)
+        .spawn();
+    let first = Envelope::new(Job::TYPE, r#"{"n":1}"#).with_partition_key("order-1");
+    broker.publish("jobs", first.clone()).await.unwrap();
+    let stats = consumer.stats();
+    eventually("the first handled", || stats.acked() == 1).await;
+    // Its redelivery is a duplicate: acked without the handler, and it
+    // must give up its ordering turn for the key's later messages.
+    broker.publish("jobs", first).await.unwrap();
+    for n in 2..=5 {
+        let env = Envelope::new(Job::TYPE, format!(r#"{{"n":{n}}}"#)).with_partition_key("order-1");
+        broker.publish("jobs", env).await.unwrap();
+    }
+    eventually("the key's later messages handled", || stats.acked() == 6).await;
+    consumer.shutdown().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_message_in_progress_waits_for_it_instead_of_spending_an_attempt() {
+    let broker = broker().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let router = Router::builder()
+        .route({
+            let calls = Arc::clone(&calls);
+            move |_: Job, _: Context| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, HandleError>(())
+                }
+            }
+        })
+        .build();
+    let consumer = Consumer::builder(broker.clone(), "jobs")
+        .concurrency(4)
+        .serve_default(router)
+        .spawn();
+    let env = Envelope::new(Job::TYPE, r#"{"n":1}"#);
+    broker.publish("jobs", env.clone()).await.unwrap();
+    broker.publish("jobs", env).await.unwrap();
+    let stats = consumer.stats();
+    eventually("both acked", || stats.acked() == 2).await;
+    let report = consumer.shutdown().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(report.retried, 0, "the copy waited in process: {report:?}");
+}

@@ -56,7 +56,9 @@ fn amqp_error(what: &str, e: lapin::Error) -> TransportError {
     let kind = match e.kind() {
         lapin::ErrorKind::ProtocolError(p)
             if *p.kind()
-                == lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND) =>
+                == lapin::protocol::AMQPErrorKind::Soft(
+                    lapin::protocol::AMQPSoftError::NOTFOUND,
+                ) =>
         {
             TransportErrorKind::NotFound
         }
@@ -139,7 +141,10 @@ impl RabbitTransport {
     fn queue_args(&self, kind: QueueKind) -> FieldTable {
         let mut args = FieldTable::default();
         if kind == QueueKind::Quorum {
-            args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
         }
         if let Some(expires) = self.inner.config.queue_expires {
             let ms = i64::try_from(expires.as_millis()).unwrap_or(i64::MAX);
@@ -148,7 +153,12 @@ impl RabbitTransport {
         args
     }
 
-    async fn declare_queue(&self, ch: &Channel, name: &str, args: FieldTable) -> Result<(), TransportError> {
+    async fn declare_queue(
+        &self,
+        ch: &Channel,
+        name: &str,
+        args: FieldTable,
+    ) -> Result<(), TransportError> {
         ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args)
             .await
             .map(drop)
@@ -199,10 +209,19 @@ impl RabbitTransport {
         Ok(())
     }
 
-    async fn declare_consumer_queue(&self, ch: &Channel, q: &QueueSpec, kind: QueueKind) -> Result<(), TransportError> {
-        let dlq = q.dead_letter.clone().unwrap_or_else(|| format!("{}.dlq", q.name));
+    async fn declare_consumer_queue(
+        &self,
+        ch: &Channel,
+        q: &QueueSpec,
+        kind: QueueKind,
+    ) -> Result<(), TransportError> {
+        let dlq = q
+            .dead_letter
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", q.name));
         self.declare_queue(ch, &dlq, self.queue_args(kind)).await?;
-        self.declare_queue(ch, &q.name, self.queue_args(kind)).await?;
+        self.declare_queue(ch, &q.name, self.queue_args(kind))
+            .await?;
         // Delay tiers: classic queues whose messages expire after the tier's
         // delay and are dead-lettered back to the source through the default
         // exchange. One queue per tier, so messages in a tier share one TTL
@@ -211,7 +230,10 @@ impl RabbitTransport {
             let mut args = self.queue_args(QueueKind::Classic);
             let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
-            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from("")));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(LongString::from("")),
+            );
             args.insert(
                 "x-dead-letter-routing-key".into(),
                 AMQPValue::LongString(LongString::from(q.name.as_bytes().to_vec())),
@@ -267,7 +289,10 @@ impl RabbitTransport {
             .map_err(|_| {
                 TransportError::new(
                     TransportErrorKind::Timeout,
-                    format!("no publisher confirm within {:?}", self.inner.config.publish_timeout),
+                    format!(
+                        "no publisher confirm within {:?}",
+                        self.inner.config.publish_timeout
+                    ),
                 )
             })?
             .map_err(|e| amqp_error("publish failed", e))?;
@@ -291,7 +316,11 @@ impl RabbitTransport {
         }
     }
 
-    async fn publish_to(&self, destination: &str, envelope: &Envelope) -> Result<(), TransportError> {
+    async fn publish_to(
+        &self,
+        destination: &str,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
         let is_topic = self
             .inner
             .topics
@@ -299,16 +328,22 @@ impl RabbitTransport {
             .unwrap_or_else(|p| p.into_inner())
             .contains(destination);
         if is_topic {
-            return self.publish_raw(destination, &envelope.kind, envelope, 0).await;
+            return self
+                .publish_raw(destination, &envelope.kind, envelope, 0)
+                .await;
         }
         match self.publish_raw("", destination, envelope, 0).await {
-            Err(e) if e.kind() == TransportErrorKind::NotFound && self.exchange_exists(destination).await => {
+            Err(e)
+                if e.kind() == TransportErrorKind::NotFound
+                    && self.exchange_exists(destination).await =>
+            {
                 self.inner
                     .topics
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(destination.to_owned());
-                self.publish_raw(destination, &envelope.kind, envelope, 0).await
+                self.publish_raw(destination, &envelope.kind, envelope, 0)
+                    .await
             }
             other => other,
         }
@@ -338,7 +373,11 @@ impl RabbitTransport {
         found
     }
 
-    async fn subscribe_to(&self, source: &str, options: SubscribeOptions) -> Result<DeliveryStream, TransportError> {
+    async fn subscribe_to(
+        &self,
+        source: &str,
+        options: SubscribeOptions,
+    ) -> Result<DeliveryStream, TransportError> {
         let ch = self
             .inner
             .connection
@@ -368,8 +407,15 @@ impl RabbitTransport {
             // Attempts: delay-tier retries recorded in the copy, plus the
             // broker's count of earlier deliveries of this copy (quorum
             // queues count crashes and requeues; classic ones only flag them).
-            let earlier = if classic { u32::from(redelivered) } else { counts.delivery_count };
-            let attempt = counts.prior_attempts.saturating_add(earlier).saturating_add(1);
+            let earlier = if classic {
+                u32::from(redelivered)
+            } else {
+                counts.delivery_count
+            };
+            let attempt = counts
+                .prior_attempts
+                .saturating_add(earlier)
+                .saturating_add(1);
             let settler = RabbitSettler {
                 transport: transport.clone(),
                 acker: Some(d.acker),
@@ -430,10 +476,16 @@ impl RabbitSettler {
                     .iter()
                     .find(|(d, _)| *d >= delay)
                     .or(tiers.last())
-                    .ok_or_else(|| TransportError::new(TransportErrorKind::Config, "no delay tiers configured"))?;
+                    .ok_or_else(|| {
+                        TransportError::new(TransportErrorKind::Config, "no delay tiers configured")
+                    })?;
                 // Into the tier first (confirmed), then off the source: a
                 // crash in between leaves a duplicate, never a loss.
-                if let Err(e) = this.transport.publish_raw("", tier, &this.envelope, this.attempt).await {
+                if let Err(e) = this
+                    .transport
+                    .publish_raw("", tier, &this.envelope, this.attempt)
+                    .await
+                {
                     let _ = Self::requeue(&acker, &source).await;
                     return Err(e);
                 }
@@ -465,7 +517,10 @@ impl RabbitSettler {
 }
 
 impl Settler for RabbitSettler {
-    fn settle(self: Box<Self>, settlement: Settlement) -> BoxFuture<'static, Result<(), TransportError>> {
+    fn settle(
+        self: Box<Self>,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), TransportError>> {
         Box::pin(self.settle_now(settlement))
     }
 }
@@ -473,7 +528,9 @@ impl Settler for RabbitSettler {
 impl Drop for RabbitSettler {
     fn drop(&mut self) {
         // Dropped unsettled: give it back (lapin's acker does nothing on drop).
-        let Some(acker) = self.acker.take() else { return };
+        let Some(acker) = self.acker.take() else {
+            return;
+        };
         let source = Arc::clone(&self.source);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
@@ -504,7 +561,11 @@ impl Transport for RabbitTransport {
         Box::pin(self.declare_all(topology))
     }
 
-    fn publish<'a>(&'a self, destination: &'a str, envelope: Envelope) -> BoxFuture<'a, Result<(), TransportError>> {
+    fn publish<'a>(
+        &'a self,
+        destination: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move { self.publish_to(destination, &envelope).await })
     }
 

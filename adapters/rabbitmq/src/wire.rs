@@ -37,17 +37,13 @@ fn long(s: &str) -> AMQPValue {
 fn rfc3339(t: SystemTime) -> Option<String> {
     // humantime cannot format times before 1970 or after 9999.
     let d = t.duration_since(SystemTime::UNIX_EPOCH).ok()?;
-    (d < Duration::from_secs(253_402_300_800)).then(|| humantime::format_rfc3339_millis(t).to_string())
+    (d < Duration::from_secs(253_402_300_800))
+        .then(|| humantime::format_rfc3339_millis(t).to_string())
 }
 
 /// A string property, or the header fallback when it is too long for an
 /// AMQP short string (255 bytes).
-fn put(
-    headers: &mut FieldTable,
-    value: Option<&str>,
-    header: &str,
-    set: impl FnOnce(ShortString),
-) {
+fn put(headers: &mut FieldTable, value: Option<&str>, header: &str, set: impl FnOnce(ShortString)) {
     let Some(value) = value else { return };
     match short(value) {
         Some(s) => set(s),
@@ -64,16 +60,27 @@ pub(crate) fn encode(env: &Envelope, prior_attempts: u32) -> BasicProperties {
     put(&mut headers, Some(env.id.as_str()), names::ID, |s| {
         props = props.clone().with_message_id(s)
     });
-    put(&mut headers, Some(&env.kind), names::TYPE, |s| props = props.clone().with_type(s));
-    put(&mut headers, env.correlation_id.as_deref(), names::CORRELATION_ID, |s| {
-        props = props.clone().with_correlation_id(s)
+    put(&mut headers, Some(&env.kind), names::TYPE, |s| {
+        props = props.clone().with_type(s)
     });
-    put(&mut headers, env.producer.as_deref(), names::PRODUCER, |s| {
-        props = props.clone().with_app_id(s)
-    });
-    put(&mut headers, env.reply_to.as_deref(), names::REPLY_TO, |s| {
-        props = props.clone().with_reply_to(s)
-    });
+    put(
+        &mut headers,
+        env.correlation_id.as_deref(),
+        names::CORRELATION_ID,
+        |s| props = props.clone().with_correlation_id(s),
+    );
+    put(
+        &mut headers,
+        env.producer.as_deref(),
+        names::PRODUCER,
+        |s| props = props.clone().with_app_id(s),
+    );
+    put(
+        &mut headers,
+        env.reply_to.as_deref(),
+        names::REPLY_TO,
+        |s| props = props.clone().with_reply_to(s),
+    );
     if let Some(ct) = env.content_type.as_deref().and_then(short) {
         props = props.with_content_type(ct);
     }
@@ -89,7 +96,10 @@ pub(crate) fn encode(env: &Envelope, prior_attempts: u32) -> BasicProperties {
             headers.insert(k, long(v));
         }
     }
-    headers.insert(header_names::SCHEMA_VERSION.into(), long(&env.schema_version.to_string()));
+    headers.insert(
+        header_names::SCHEMA_VERSION.into(),
+        long(&env.schema_version.to_string()),
+    );
     if let Some(t) = rfc3339(env.occurred_at) {
         headers.insert(header_names::OCCURRED_AT.into(), long(&t));
     }
@@ -108,7 +118,10 @@ pub(crate) fn encode(env: &Envelope, prior_attempts: u32) -> BasicProperties {
         }
     }
     if prior_attempts > 0 {
-        headers.insert(names::ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(prior_attempts)));
+        headers.insert(
+            names::ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(prior_attempts)),
+        );
     }
     props.with_headers(headers)
 }
@@ -161,8 +174,13 @@ pub(crate) fn decode(props: &BasicProperties, payload: Vec<u8>) -> (Envelope, Co
                 names::ATTEMPT => counts.prior_attempts = value_u32(v).unwrap_or(0),
                 names::DELIVERY_COUNT => counts.delivery_count = value_u32(v).unwrap_or(0),
                 // RabbitMQ's dead-lettering history of delay tiers: noise to handlers.
-                "x-death" | "x-first-death-exchange" | "x-first-death-queue" | "x-first-death-reason"
-                | "x-last-death-exchange" | "x-last-death-queue" | "x-last-death-reason" => {}
+                "x-death"
+                | "x-first-death-exchange"
+                | "x-first-death-queue"
+                | "x-first-death-reason"
+                | "x-last-death-exchange"
+                | "x-last-death-queue"
+                | "x-last-death-reason" => {}
                 name => {
                     if let Some(s) = value_str(v) {
                         headers.insert(name, s);
@@ -191,7 +209,10 @@ pub(crate) fn decode(props: &BasicProperties, payload: Vec<u8>) -> (Envelope, Co
     env.trace.traceparent = headers.remove(names::TRACEPARENT);
     env.trace.tracestate = headers.remove(names::TRACESTATE);
     // Parsed standard fields leave the headers; unparsable ones stay.
-    match headers.get(header_names::SCHEMA_VERSION).map(str::parse::<u32>) {
+    match headers
+        .get(header_names::SCHEMA_VERSION)
+        .map(str::parse::<u32>)
+    {
         Some(Ok(v)) => {
             env.schema_version = v;
             headers.remove(header_names::SCHEMA_VERSION);
@@ -207,9 +228,9 @@ pub(crate) fn decode(props: &BasicProperties, payload: Vec<u8>) -> (Envelope, Co
         }
         Some(None) => {}
         None => {
-            env.occurred_at = props
-                .timestamp()
-                .map_or(SystemTime::UNIX_EPOCH, |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+            env.occurred_at = props.timestamp().map_or(SystemTime::UNIX_EPOCH, |s| {
+                SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+            });
         }
     }
     if let Some(Some(t)) = headers.get(header_names::DEADLINE).map(parse_time) {
@@ -234,14 +255,19 @@ mod tests {
         env.tenant = Some("t".into());
         env.deadline = Some(SystemTime::now() + Duration::from_secs(60));
         env.reply_to = Some("r".into());
-        env.trace.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        env.trace.traceparent =
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
         env.trace.tracestate = Some("a=b".into());
         env.content_type = Some("application/json".into());
         env.headers.insert("x-custom", "v");
         let props = encode(&env, 2);
         let (back, counts) = decode(&props, env.payload.to_vec());
         assert_eq!(counts.prior_attempts, 2);
-        let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis();
+        let ms = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+        };
         assert_eq!(ms(back.occurred_at), ms(env.occurred_at));
         assert_eq!(back.deadline.map(ms), env.deadline.map(ms));
         let mut expected = env.clone();

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use switchyard_core::{
-    Consumer, Context, DeadLetterInfo, DeadLetterReason, Envelope, HandleError, Message,
-    QueueSpec, Settlement, SubscribeOptions, TopicSpec, Topology, Transport, TransportErrorKind,
+    Consumer, Context, DeadLetterInfo, DeadLetterReason, Envelope, HandleError, Message, QueueSpec,
+    Settlement, SubscribeOptions, TopicSpec, Topology, Transport, TransportErrorKind,
 };
 use switchyard_rabbitmq::{RabbitConfig, RabbitTransport};
 
@@ -23,12 +23,17 @@ async fn connect() -> RabbitTransport {
 }
 
 fn unique(name: &str) -> String {
-    format!("sy-test-{name}-{}", &switchyard_core::MessageId::new().as_str()[24..])
+    format!(
+        "sy-test-{name}-{}",
+        &switchyard_core::MessageId::new().as_str()[24..]
+    )
 }
 
 async fn queue(t: &RabbitTransport, name: &str) -> String {
     let q = unique(name);
-    t.declare(&Topology::new().queue(QueueSpec::new(&q))).await.unwrap();
+    t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+        .await
+        .unwrap();
     q
 }
 
@@ -36,8 +41,13 @@ async fn queue(t: &RabbitTransport, name: &str) -> String {
 async fn a_topic_without_bindings_refuses_the_message() {
     let t = connect().await;
     let topic = unique("lonely-topic");
-    t.declare(&Topology::new().topic(TopicSpec::new(&topic))).await.unwrap();
-    let err = t.publish(&topic, Envelope::new("t", "x")).await.unwrap_err();
+    t.declare(&Topology::new().topic(TopicSpec::new(&topic)))
+        .await
+        .unwrap();
+    let err = t
+        .publish(&topic, Envelope::new("t", "x"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), TransportErrorKind::NotFound, "{err}");
     assert!(err.to_string().contains("unroutable"), "{err}");
 }
@@ -57,10 +67,22 @@ async fn a_delay_is_rounded_up_to_its_tier_and_never_shortened() {
     let first = s.next().await.unwrap().unwrap();
     let settled = Instant::now();
     // 700 ms is not a tier: it goes to the 2 s one.
-    first.settle(Settlement::Retry { delay: Duration::from_millis(700) }).await.unwrap();
-    let again = tokio::time::timeout(Duration::from_secs(10), s.next()).await.unwrap().unwrap().unwrap();
+    first
+        .settle(Settlement::Retry {
+            delay: Duration::from_millis(700),
+        })
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let waited = settled.elapsed();
-    assert!(waited >= Duration::from_secs(2), "came back after {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "came back after {waited:?}"
+    );
     assert_eq!(again.attempt(), 2);
     again.ack().await.unwrap();
 }
@@ -94,16 +116,30 @@ async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts_with_heade
             }
         })
         .build();
-    let consumer = Consumer::builder(t.clone(), q.clone()).max_attempts(4).serve_default(router).spawn();
+    let consumer = Consumer::builder(t.clone(), q.clone())
+        .max_attempts(4)
+        .serve_default(router)
+        .spawn();
     let env = Envelope::new(Poison::TYPE, r#"{"n":1}"#)
         .with_correlation_id("corr-poison")
         .with_header("x-keep", "me");
     let id = env.id.clone();
     t.publish(&q, env).await.unwrap();
-    let mut dead = t.subscribe(&format!("{q}.dlq"), SubscribeOptions::default()).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(30), dead.next()).await.unwrap().unwrap().unwrap();
+    let mut dead = t
+        .subscribe(&format!("{q}.dlq"), SubscribeOptions::default())
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(30), dead.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let report = consumer.shutdown().await.unwrap();
-    assert_eq!(calls.load(Ordering::SeqCst), 4, "exactly max_attempts handler calls ({report:?})");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "exactly max_attempts handler calls ({report:?})"
+    );
     let env = d.envelope().clone();
     d.ack().await.unwrap();
     assert_eq!(env.id, id);
@@ -111,7 +147,10 @@ async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts_with_heade
     assert_eq!(env.headers.get("x-keep"), Some("me"));
     let info = DeadLetterInfo::read_from(&env.headers).unwrap();
     assert_eq!(info.reason, DeadLetterReason::MaxAttempts);
-    assert_eq!((info.attempts, info.detail.as_str(), info.source.as_str()), (4, "still broken", q.as_str()));
+    assert_eq!(
+        (info.attempts, info.detail.as_str(), info.source.as_str()),
+        (4, "still broken", q.as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +159,9 @@ async fn a_consumer_whose_connection_dies_mid_handler_loses_nothing() {
         let t = connect().await;
         let q = queue(&t, "killed").await;
         for n in 0..20 {
-            t.publish(&q, Envelope::new("t", format!("{n}"))).await.unwrap();
+            t.publish(&q, Envelope::new("t", format!("{n}")))
+                .await
+                .unwrap();
         }
         q
     };
@@ -128,7 +169,10 @@ async fn a_consumer_whose_connection_dies_mid_handler_loses_nothing() {
     // with deliveries unacknowledged.
     {
         let victim = connect().await;
-        let mut s = victim.subscribe(&q, SubscribeOptions::default().prefetch(5)).await.unwrap();
+        let mut s = victim
+            .subscribe(&q, SubscribeOptions::default().prefetch(5))
+            .await
+            .unwrap();
         let mut held = Vec::new();
         for _ in 0..5 {
             held.push(s.next().await.unwrap().unwrap());
@@ -138,7 +182,10 @@ async fn a_consumer_whose_connection_dies_mid_handler_loses_nothing() {
         drop(victim);
     }
     let survivor = connect().await;
-    let mut s = survivor.subscribe(&q, SubscribeOptions::default().prefetch(20)).await.unwrap();
+    let mut s = survivor
+        .subscribe(&q, SubscribeOptions::default().prefetch(20))
+        .await
+        .unwrap();
     let mut seen = std::collections::BTreeSet::new();
     let mut redelivered = 0;
     while seen.len() < 20 {
@@ -153,7 +200,10 @@ async fn a_consumer_whose_connection_dies_mid_handler_loses_nothing() {
         seen.insert(String::from_utf8(d.envelope().payload.to_vec()).unwrap());
         d.ack().await.unwrap();
     }
-    assert_eq!(redelivered, 5, "the five held by the dead consumer count an attempt");
+    assert_eq!(
+        redelivered, 5,
+        "the five held by the dead consumer count an attempt"
+    );
 }
 
 #[tokio::test]

@@ -20,6 +20,47 @@ pub mod router;
 pub mod runtime;
 pub mod transport;
 
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Test doubles for unit tests inside this crate.
+    use crate::transport::BoxFuture;
+    use crate::{
+        Capabilities, DeliveryStream, Envelope, SubscribeOptions, Topology, Transport,
+        TransportError, TransportErrorKind,
+    };
+
+    /// A transport that accepts every publish and has nothing to consume.
+    pub(crate) struct NoTransport;
+
+    impl Transport for NoTransport {
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::full()
+        }
+        fn declare<'a>(&'a self, _: &'a Topology) -> BoxFuture<'a, Result<(), TransportError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn publish<'a>(
+            &'a self,
+            _: &'a str,
+            _: Envelope,
+        ) -> BoxFuture<'a, Result<(), TransportError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn subscribe<'a>(
+            &'a self,
+            _: &'a str,
+            _: SubscribeOptions,
+        ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
+            Box::pin(async {
+                Err(TransportError::new(
+                    TransportErrorKind::Unsupported,
+                    "nothing to consume",
+                ))
+            })
+        }
+    }
+}
+
 pub use envelope::{Envelope, Headers, MessageId, TraceContext};
 pub use handler::{Context, ErrorClass, HandleError, Handler, ResultExt};
 pub use message::{Codec, DecodeError, JsonCodec, Message};

@@ -334,8 +334,11 @@ where
         tokio::pin!(shutdown);
         tracing::debug!(source = %shared.source, concurrency, "consumer started");
 
+        // After a subscription error, pulling pauses briefly; in-flight work
+        // keeps running meanwhile.
+        let mut paused_until: Option<tokio::time::Instant> = None;
         loop {
-            let room = in_flight.len() < concurrency;
+            let room = in_flight.len() < concurrency && paused_until.is_none();
             let pull = async {
                 // Reserve room in the pipeline before taking a message off the broker.
                 std::future::poll_fn(|cx| service.poll_ready(cx).map_err(Into::<BoxError>::into))
@@ -346,6 +349,9 @@ where
                 biased;
                 _ = &mut shutdown => break,
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)), if paused_until.is_some() => {
+                    paused_until = None;
+                }
                 pulled = pull, if room => match pulled {
                     Err(e) => {
                         tracing::error!(source = %shared.source, error = %e, "the pipeline failed; stopping");
@@ -367,7 +373,7 @@ where
                     Ok(Some(Err(e))) => {
                         // The adapter reconnects by itself; this is an observation.
                         tracing::warn!(source = %shared.source, error = %e, "subscription error");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        paused_until = Some(tokio::time::Instant::now() + Duration::from_millis(100));
                     }
                     Ok(None) => {
                         failure = Some(TransportError::new(

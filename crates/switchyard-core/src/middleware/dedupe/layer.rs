@@ -10,6 +10,7 @@ use super::{Dedupe, DedupeStore};
 pub struct DedupeLayer {
     store: Option<Arc<dyn DedupeStore>>,
     busy_retry: Duration,
+    busy_wait: Duration,
 }
 
 impl std::fmt::Debug for DedupeLayer {
@@ -26,6 +27,7 @@ impl DedupeLayer {
         DedupeLayer {
             store: Some(Arc::new(store)),
             busy_retry: Duration::from_secs(1),
+            busy_wait: Duration::from_secs(30),
         }
     }
 
@@ -34,12 +36,20 @@ impl DedupeLayer {
         DedupeLayer {
             store: None,
             busy_retry: Duration::from_secs(1),
+            busy_wait: Duration::from_secs(30),
         }
     }
 
     /// The delay set with [`busy_retry`](Self::busy_retry).
     pub fn busy_retry_delay(&self) -> Duration {
         self.busy_retry
+    }
+
+    /// How long a copy waits, in process, for another delivery of its id
+    /// that is being handled. Default 30 s.
+    pub fn busy_wait(mut self, wait: Duration) -> Self {
+        self.busy_wait = wait;
+        self
     }
 
     /// How long to hold back a delivery whose id is being handled by
@@ -54,6 +64,6 @@ impl<S> Layer<S> for DedupeLayer {
     type Service = Dedupe<S>;
 
     fn layer(&self, inner: S) -> Dedupe<S> {
-        Dedupe::new(inner, self.store.clone(), self.busy_retry)
+        Dedupe::new(inner, self.store.clone(), self.busy_retry, self.busy_wait)
     }
 }

@@ -2,7 +2,9 @@
 //! acknowledged as a duplicate without calling the handler.
 //!
 //! - Two concurrent deliveries of one id never both run the handler: the
-//!   second is retried later (through the broker) while the first runs.
+//!   second waits (up to `busy_wait`, 30 s by default) for the first and is
+//!   then acknowledged as a duplicate, or runs if the first failed; only a
+//!   copy still blocked after that is retried through the broker.
 //! - An id is recorded only once the handler succeeded (or rejected the
 //!   message, which settles it too); a failure releases it, so the
 //!   redelivery runs.
@@ -34,10 +36,10 @@ mod policy;
 
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use layer::DedupeLayer;
-pub use policy::{Claim, DedupeStore, MemoryDedupeStore, StoreFuture};
+pub use policy::{Claim, ClaimToken, DedupeStore, MemoryDedupeStore, StoreFuture};
 
 use crate::envelope::Envelope;
 use crate::outcome::{AckReason, DeadLetterReason, Outcome};
@@ -51,6 +53,7 @@ pub struct Dedupe<S> {
     /// `None` passes every delivery through (dedupe switched off in a stack).
     store: Option<Arc<dyn DedupeStore>>,
     busy_retry: Duration,
+    busy_wait: Duration,
 }
 
 impl<S> std::fmt::Debug for Dedupe<S> {
@@ -62,11 +65,17 @@ impl<S> std::fmt::Debug for Dedupe<S> {
 }
 
 impl<S> Dedupe<S> {
-    pub(crate) fn new(inner: S, store: Option<Arc<dyn DedupeStore>>, busy_retry: Duration) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        store: Option<Arc<dyn DedupeStore>>,
+        busy_retry: Duration,
+        busy_wait: Duration,
+    ) -> Self {
         Dedupe {
             inner,
             store,
             busy_retry,
+            busy_wait,
         }
     }
 
@@ -114,6 +123,7 @@ struct ReleaseOnDrop {
     store: Arc<dyn DedupeStore>,
     scope: Arc<str>,
     envelope: Arc<Envelope>,
+    token: ClaimToken,
     armed: bool,
 }
 
@@ -122,18 +132,38 @@ impl Drop for ReleaseOnDrop {
         if !self.armed {
             return;
         }
-        let (store, scope, envelope) = (
+        let id = &self.envelope.id;
+        // An in-process store answers at once: release right here.
+        let pending = match self.store.release(&self.scope, id, self.token) {
+            StoreFuture::Ready(Some(result)) => {
+                if let Err(e) = result {
+                    tracing::warn!(message_id = %id, error = %e, "could not release a dedupe claim");
+                }
+                return;
+            }
+            StoreFuture::Ready(None) => return,
+            StoreFuture::Pending(_) => true,
+        };
+        debug_assert!(pending);
+        let (store, scope, envelope, token) = (
             Arc::clone(&self.store),
             Arc::clone(&self.scope),
             Arc::clone(&self.envelope),
+            self.token,
         );
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let id = &envelope.id;
-                if let Err(e) = store.release(&scope, id).await {
-                    tracing::warn!(message_id = %id, error = %e, "could not release a dedupe claim");
-                }
-            });
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    let id = &envelope.id;
+                    if let Err(e) = store.release(&scope, id, token).await {
+                        tracing::warn!(message_id = %id, error = %e, "could not release a dedupe claim");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                message_id = %id,
+                "no runtime to release a dedupe claim; it stays until it expires"
+            ),
         }
     }
 }
@@ -156,49 +186,63 @@ where
         let Some(store) = self.store.clone() else {
             return Box::pin(self.inner.call(incoming));
         };
-        let busy_retry = self.busy_retry;
+        let (busy_retry, busy_wait) = (self.busy_retry, self.busy_wait);
         let envelope = Arc::clone(&incoming.envelope);
         let scope = Arc::clone(&incoming.source);
-        // Not polled unless the claim is acquired.
+        // Called now (tower's contract after poll_ready), but not polled
+        // unless the claim is acquired; inner layers must not act in `call`.
         let handle = self.inner.call(incoming);
         Box::pin(async move {
             let id = &envelope.id;
             let fp = fingerprint(&envelope);
-            let claim = match store.claim(&scope, id, fp).await {
-                Ok(claim) => claim,
-                Err(e) => {
-                    return Ok(Outcome::Retry {
-                        delay: busy_retry,
-                        detail: format!("the dedupe store is unavailable: {e}"),
-                    })
+            // A copy being handled right now is waited for here, not sent
+            // back through the broker (that would spend an attempt), up to
+            // `busy_wait`.
+            let waited_from = Instant::now();
+            let mut pause = Duration::from_millis(10);
+            let token = loop {
+                let claim = match store.claim(&scope, id, fp).await {
+                    Ok(claim) => claim,
+                    Err(e) => {
+                        return Ok(Outcome::Retry {
+                            delay: busy_retry,
+                            detail: format!("the dedupe store is unavailable: {e}"),
+                        })
+                    }
+                };
+                match claim {
+                    Claim::Acquired(token) => break token,
+                    Claim::Duplicate => return Ok(Outcome::Ack(AckReason::Duplicate)),
+                    Claim::Conflict => {
+                        return Ok(Outcome::DeadLetter {
+                            reason: DeadLetterReason::IdReuse,
+                            detail: format!(
+                                "message id {id} was already processed with a different payload"
+                            ),
+                        })
+                    }
+                    Claim::InProgress if waited_from.elapsed() < busy_wait => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                    Claim::InProgress => {
+                        return Ok(Outcome::Retry {
+                            delay: busy_retry,
+                            detail: format!(
+                                "message {id} is still being handled by another delivery"
+                            ),
+                        })
+                    }
                 }
             };
-            match claim {
-                Claim::Duplicate => return Ok(Outcome::Ack(AckReason::Duplicate)),
-                Claim::InProgress => {
-                    return Ok(Outcome::Retry {
-                        delay: busy_retry,
-                        detail: format!("message {id} is being handled by another delivery"),
-                    })
-                }
-                Claim::Conflict => {
-                    return Ok(Outcome::DeadLetter {
-                        reason: DeadLetterReason::IdReuse,
-                        detail: format!(
-                            "message id {id} was already processed with a different payload"
-                        ),
-                    })
-                }
-                Claim::Acquired => {}
-            }
             let mut guard = ReleaseOnDrop {
                 store: Arc::clone(&store),
                 scope: Arc::clone(&scope),
                 envelope: Arc::clone(&envelope),
+                token,
                 armed: true,
             };
             let result = handle.await;
-            guard.armed = false;
             let settled = matches!(
                 result,
                 Ok(Outcome::Ack(
@@ -206,10 +250,11 @@ where
                 ))
             );
             let recorded = if settled {
-                store.complete(&scope, id, fp).await
+                store.complete(&scope, id, fp, token).await
             } else {
-                store.release(&scope, id).await
+                store.release(&scope, id, token).await
             };
+            guard.armed = false;
             if let Err(e) = recorded {
                 tracing::warn!(message_id = %id, error = %e, settled, "the dedupe store did not record the outcome");
             }

@@ -42,12 +42,16 @@ impl<T: Unpin> Future for StoreFuture<'_, T> {
     }
 }
 
+/// Identifies one claim, so that a holder whose claim expired and was
+/// taken over cannot complete or release its successor's.
+pub type ClaimToken = u64;
+
 /// What a [`DedupeStore`] says about a message id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// Not seen before (or released): the caller now holds it and must
-    /// `complete` or `release` it.
-    Acquired,
+    /// Not seen before (or released, or its holder's claim expired): the
+    /// caller now holds it and must `complete` or `release` it with the token.
+    Acquired(ClaimToken),
     /// Already processed with the same payload.
     Duplicate,
     /// Being processed right now by another delivery.
@@ -70,9 +74,9 @@ pub enum Claim {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let store = MemoryDedupeStore::new();
 /// let id = MessageId::new();
-/// assert_eq!(store.claim("orders", &id, 7).await.unwrap(), Claim::Acquired);
+/// let Claim::Acquired(token) = store.claim("orders", &id, 7).await.unwrap() else { panic!() };
 /// assert_eq!(store.claim("orders", &id, 7).await.unwrap(), Claim::InProgress);
-/// store.complete("orders", &id, 7).await.unwrap();
+/// store.complete("orders", &id, 7, token).await.unwrap();
 /// assert_eq!(store.claim("orders", &id, 7).await.unwrap(), Claim::Duplicate);
 /// assert_eq!(store.claim("orders", &id, 8).await.unwrap(), Claim::Conflict);
 /// # }
@@ -87,20 +91,24 @@ pub trait DedupeStore: Send + Sync + 'static {
         fingerprint: u64,
     ) -> StoreFuture<'a, Result<Claim, BoxError>>;
 
-    /// Records `id` as processed (after the handler succeeded).
+    /// Records `id` as processed (after the handler succeeded), if the
+    /// claim `token` is still the current one.
     fn complete<'a>(
         &'a self,
         scope: &'a str,
         id: &'a MessageId,
         fingerprint: u64,
+        token: ClaimToken,
     ) -> StoreFuture<'a, Result<(), BoxError>>;
 
-    /// Gives up a claim (the handler failed): the next delivery may run.
+    /// Gives up the claim `token` (the handler failed): the next delivery
+    /// may run. A claim already taken over is left alone.
     fn release<'a>(
         &'a self,
         scope: &'a str,
         id: &'a MessageId,
-    ) -> BoxFuture<'a, Result<(), BoxError>>;
+        token: ClaimToken,
+    ) -> StoreFuture<'a, Result<(), BoxError>>;
 }
 
 #[derive(Clone, Copy)]
@@ -108,6 +116,7 @@ struct Entry {
     fingerprint: u64,
     done: bool,
     since: Instant,
+    token: ClaimToken,
 }
 
 /// A 64-bit digest of (scope, id) under the store's random key: entries
@@ -142,6 +151,7 @@ struct Entries {
     /// Insertion order, for expiry and eviction; may hold keys that were
     /// released or re-claimed since (checked against `since`).
     order: VecDeque<(Instant, Key)>,
+    next_token: ClaimToken,
 }
 
 /// A bounded, in-process [`DedupeStore`] whose entries expire.
@@ -212,6 +222,7 @@ impl MemoryDedupeStore {
     }
 
     fn evict(&self, entries: &mut Entries, now: Instant) {
+        let mut rotated = 0;
         while let Some(&(since, key)) = entries.order.front() {
             let expired = now.duration_since(since) >= self.ttl;
             let entry = entries.map.get(&key).filter(|e| e.since == since).copied();
@@ -220,8 +231,17 @@ impl MemoryDedupeStore {
                 // the stale order record.
                 None => {}
                 Some(_) if !expired && entries.map.len() <= self.capacity => break,
-                // Over capacity, but in progress: never forget a live claim.
-                Some(e) if !expired && !e.done => break,
+                // Over capacity, but in progress: never forget a live claim;
+                // look past it (once round at most) for processed ones.
+                Some(e) if !expired && !e.done => {
+                    if rotated >= entries.order.len() {
+                        break;
+                    }
+                    rotated += 1;
+                    let record = entries.order.pop_front().expect("peeked");
+                    entries.order.push_back(record);
+                    continue;
+                }
                 Some(_) => {
                     entries.map.remove(&key);
                 }
@@ -244,29 +264,39 @@ impl MemoryDedupeStore {
                 };
             }
         }
+        entries.next_token += 1;
+        let token = entries.next_token;
         entries.map.insert(
             key,
             Entry {
                 fingerprint,
                 done: false,
                 since: now,
+                token,
             },
         );
         entries.order.push_back((now, key));
         self.evict(&mut entries, now);
-        Claim::Acquired
+        // Released claims leave order records behind; keep them bounded.
+        if entries.order.len() > 2 * self.capacity.max(16) {
+            let Entries { map, order, .. } = &mut *entries;
+            order.retain(|(since, key)| map.get(key).is_some_and(|e| e.since == *since));
+        }
+        Claim::Acquired(token)
     }
 
-    fn complete_now(&self, scope: &str, id: &MessageId, fingerprint: u64) {
+    fn complete_now(&self, scope: &str, id: &MessageId, fingerprint: u64, token: ClaimToken) {
         let key = self.key(scope, id);
         let mut entries = self.lock();
         match entries.map.get_mut(&key) {
             // Completed in place: it keeps its claim's place in the order
             // (and is remembered for `ttl` from its claim).
-            Some(e) => {
+            Some(e) if e.token == token => {
                 e.fingerprint = fingerprint;
                 e.done = true;
             }
+            // Taken over by a later claim: that one decides.
+            Some(_) => {}
             // Forgotten while in progress (its claim outlived `ttl`).
             None => {
                 let now = Instant::now();
@@ -276,6 +306,7 @@ impl MemoryDedupeStore {
                         fingerprint,
                         done: true,
                         since: now,
+                        token,
                     },
                 );
                 entries.order.push_back((now, key));
@@ -283,10 +314,14 @@ impl MemoryDedupeStore {
         }
     }
 
-    fn release_now(&self, scope: &str, id: &MessageId) {
+    fn release_now(&self, scope: &str, id: &MessageId, token: ClaimToken) {
         let key = self.key(scope, id);
         let mut entries = self.lock();
-        if entries.map.get(&key).is_some_and(|e| !e.done) {
+        if entries
+            .map
+            .get(&key)
+            .is_some_and(|e| !e.done && e.token == token)
+        {
             entries.map.remove(&key);
         }
     }
@@ -307,8 +342,9 @@ impl DedupeStore for MemoryDedupeStore {
         scope: &'a str,
         id: &'a MessageId,
         fingerprint: u64,
+        token: ClaimToken,
     ) -> StoreFuture<'a, Result<(), BoxError>> {
-        self.complete_now(scope, id, fingerprint);
+        self.complete_now(scope, id, fingerprint, token);
         StoreFuture::ready(Ok(()))
     }
 
@@ -316,9 +352,10 @@ impl DedupeStore for MemoryDedupeStore {
         &'a self,
         scope: &'a str,
         id: &'a MessageId,
-    ) -> BoxFuture<'a, Result<(), BoxError>> {
-        self.release_now(scope, id);
-        Box::pin(std::future::ready(Ok(())))
+        token: ClaimToken,
+    ) -> StoreFuture<'a, Result<(), BoxError>> {
+        self.release_now(scope, id, token);
+        StoreFuture::ready(Ok(()))
     }
 }
 
@@ -326,46 +363,84 @@ impl DedupeStore for MemoryDedupeStore {
 mod tests {
     use super::*;
 
+    fn acquired(claim: Claim) -> ClaimToken {
+        match claim {
+            Claim::Acquired(token) => token,
+            other => panic!("expected Acquired, got {other:?}"),
+        }
+    }
+
     #[test]
     fn capacity_forgets_the_oldest_processed_ids() {
         let store = MemoryDedupeStore::with_limits(2, Duration::from_secs(60));
         let ids: Vec<_> = (0..3).map(|_| MessageId::new()).collect();
         for id in &ids {
-            assert_eq!(store.claim_now("s", id, 1), Claim::Acquired);
-            store.complete_now("s", id, 1);
+            let token = acquired(store.claim_now("s", id, 1));
+            store.complete_now("s", id, 1, token);
         }
         assert!(store.len() <= 2);
         assert_eq!(store.claim_now("s", &ids[2], 1), Claim::Duplicate);
-        assert_eq!(
-            store.claim_now("s", &ids[0], 1),
-            Claim::Acquired,
-            "forgotten"
-        );
+        acquired(store.claim_now("s", &ids[0], 1));
     }
 
     #[test]
-    fn in_progress_claims_are_never_evicted_for_capacity() {
+    fn in_progress_claims_are_never_evicted_for_capacity_but_do_not_pin_others() {
         let store = MemoryDedupeStore::with_limits(1, Duration::from_secs(60));
-        let (a, b) = (MessageId::new(), MessageId::new());
-        assert_eq!(store.claim_now("s", &a, 1), Claim::Acquired);
-        assert_eq!(store.claim_now("s", &b, 1), Claim::Acquired);
+        let (a, b, c) = (MessageId::new(), MessageId::new(), MessageId::new());
+        acquired(store.claim_now("s", &a, 1));
+        let tb = acquired(store.claim_now("s", &b, 1));
+        store.complete_now("s", &b, 1, tb);
+        acquired(store.claim_now("s", &c, 1));
         assert_eq!(store.claim_now("s", &a, 1), Claim::InProgress);
+        assert!(
+            store.len() <= 2,
+            "the processed id behind a live claim was evicted"
+        );
     }
 
     #[test]
     fn expired_entries_are_forgotten() {
         let store = MemoryDedupeStore::with_limits(10, Duration::ZERO);
         let id = MessageId::new();
-        assert_eq!(store.claim_now("s", &id, 1), Claim::Acquired);
-        store.complete_now("s", &id, 1);
-        assert_eq!(store.claim_now("s", &id, 1), Claim::Acquired);
+        let token = acquired(store.claim_now("s", &id, 1));
+        store.complete_now("s", &id, 1, token);
+        acquired(store.claim_now("s", &id, 1));
+    }
+
+    #[test]
+    fn a_taken_over_claim_cannot_release_or_complete_its_successor() {
+        let store = MemoryDedupeStore::with_limits(10, Duration::from_millis(50));
+        let id = MessageId::new();
+        let old = acquired(store.claim_now("s", &id, 1));
+        // The old claim outlives the ttl and is taken over.
+        std::thread::sleep(Duration::from_millis(60));
+        let new = acquired(store.claim_now("s", &id, 1));
+        assert_ne!(old, new);
+        store.release_now("s", &id, old);
+        store.complete_now("s", &id, 1, old);
+        let e = store.lock().map.values().next().copied().unwrap();
+        assert!(
+            !e.done && e.token == new,
+            "the successor's claim is untouched"
+        );
+    }
+
+    #[test]
+    fn released_claims_do_not_grow_the_order_records_without_bound() {
+        let store = MemoryDedupeStore::with_limits(4, Duration::from_secs(60));
+        let id = MessageId::new();
+        for _ in 0..1000 {
+            let token = acquired(store.claim_now("s", &id, 1));
+            store.release_now("s", &id, token);
+        }
+        assert!(store.lock().order.len() <= 64);
     }
 
     #[test]
     fn scopes_are_separate() {
         let store = MemoryDedupeStore::new();
         let id = MessageId::new();
-        assert_eq!(store.claim_now("a", &id, 1), Claim::Acquired);
-        assert_eq!(store.claim_now("b", &id, 1), Claim::Acquired);
+        acquired(store.claim_now("a", &id, 1));
+        acquired(store.claim_now("b", &id, 1));
     }
 }

@@ -12,8 +12,8 @@ use crate::outcome::DeadLetterReason;
 /// Applies [`Retry`] to a service.
 ///
 /// The attempt budget is the consumer's
-/// ([`ConsumerBuilder::max_attempts`](crate::ConsumerBuilder::max_attempts))
-/// unless set here.
+/// ([`ConsumerBuilder::max_attempts`](crate::ConsumerBuilder::max_attempts)):
+/// one budget, which the runtime also enforces.
 #[derive(Clone)]
 pub struct RetryLayer {
     shared: RetryShared,
@@ -27,9 +27,7 @@ impl Default for RetryLayer {
 
 impl std::fmt::Debug for RetryLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RetryLayer")
-            .field("max_attempts", &self.shared.max_attempts)
-            .finish_non_exhaustive()
+        f.debug_struct("RetryLayer").finish_non_exhaustive()
     }
 }
 
@@ -40,7 +38,6 @@ impl RetryLayer {
         RetryLayer {
             shared: RetryShared {
                 policy: Arc::new(ExponentialBackoff::default()),
-                max_attempts: None,
                 on_retry: Arc::new(()),
                 on_dead_letter: Arc::new(()),
             },
@@ -50,12 +47,6 @@ impl RetryLayer {
     /// Sets the backoff policy.
     pub fn policy(mut self, policy: impl RetryPolicy) -> Self {
         self.shared.policy = Arc::new(policy);
-        self
-    }
-
-    /// Overrides the consumer's attempt budget.
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.shared.max_attempts = Some(n.max(1));
         self
     }
 

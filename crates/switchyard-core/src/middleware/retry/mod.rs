@@ -45,7 +45,6 @@ use crate::runtime::Incoming;
 #[derive(Clone)]
 pub(crate) struct RetryShared {
     pub(crate) policy: Arc<dyn RetryPolicy>,
-    pub(crate) max_attempts: Option<u32>,
     pub(crate) on_retry: Arc<dyn OnRetry>,
     pub(crate) on_dead_letter: Arc<dyn OnDeadLetter>,
 }
@@ -59,9 +58,7 @@ pub struct Retry<S> {
 
 impl<S> std::fmt::Debug for Retry<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Retry")
-            .field("max_attempts", &self.shared.max_attempts)
-            .finish_non_exhaustive()
+        f.debug_struct("Retry").finish_non_exhaustive()
     }
 }
 
@@ -97,7 +94,7 @@ where
     fn call(&mut self, incoming: Incoming) -> Self::Future {
         let envelope = Arc::clone(&incoming.envelope);
         let attempt = incoming.attempt;
-        let max_attempts = self.shared.max_attempts.unwrap_or(incoming.max_attempts);
+        let max_attempts = incoming.max_attempts;
         ResponseFuture {
             inner: self.inner.call(incoming),
             envelope,

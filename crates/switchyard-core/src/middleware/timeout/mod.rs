@@ -112,7 +112,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let Poll::Ready(out) = this.inner.poll(cx) {
+        if let Poll::Ready(out) = this.inner.as_mut().poll(cx) {
             return Poll::Ready(out);
         }
         if this.sleep.is_none() {
@@ -121,6 +121,11 @@ where
         let sleep = this.sleep.as_pin_mut().expect("armed above");
         std::task::ready!(sleep.poll(cx));
         this.cancel.cancel();
+        // One more poll: a handler that watches its token may finish (and
+        // clean up) right away.
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(out);
+        }
         Poll::Ready(Ok(Outcome::Retry {
             delay: Duration::ZERO,
             detail: format!("the handler timed out after {:?}", this.limit),

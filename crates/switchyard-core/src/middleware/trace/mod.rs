@@ -81,7 +81,8 @@ impl TraceParent {
         (trace_id != 0 && span_id != 0).then_some(TraceParent {
             trace_id,
             span_id,
-            flags,
+            // Only the flags this version defines (sampled, random) travel on.
+            flags: flags & 0x03,
         })
     }
 
@@ -174,12 +175,14 @@ where
                 otel::continue_trace(&span, p, incoming.envelope.trace.tracestate.as_deref())
             })
             .or(child);
-        if let Some(child) = child {
-            incoming.trace = TraceContext {
+        incoming.trace = match child {
+            Some(child) => TraceContext {
                 traceparent: Some(child.to_string()),
                 tracestate: incoming.envelope.trace.tracestate.clone(),
-            };
-        }
+            },
+            // An invalid traceparent is not passed on (W3C: drop both).
+            None => TraceContext::default(),
+        };
         let inner = {
             let _entered = span.enter();
             self.inner.call(incoming)

@@ -53,40 +53,6 @@ mod tests {
     use crate::outcome::Outcome;
     use crate::runtime::{Incoming, Publisher};
 
-    struct NoTransport;
-
-    impl crate::Transport for NoTransport {
-        fn capabilities(&self) -> crate::Capabilities {
-            crate::Capabilities::full()
-        }
-        fn declare<'a>(
-            &'a self,
-            _: &'a crate::Topology,
-        ) -> crate::transport::BoxFuture<'a, Result<(), crate::TransportError>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn publish<'a>(
-            &'a self,
-            _: &'a str,
-            _: Envelope,
-        ) -> crate::transport::BoxFuture<'a, Result<(), crate::TransportError>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn subscribe<'a>(
-            &'a self,
-            _: &'a str,
-            _: crate::SubscribeOptions,
-        ) -> crate::transport::BoxFuture<'a, Result<crate::DeliveryStream, crate::TransportError>>
-        {
-            Box::pin(async {
-                Err(crate::TransportError::new(
-                    crate::TransportErrorKind::Unsupported,
-                    "none",
-                ))
-            })
-        }
-    }
-
     #[tokio::test(flavor = "current_thread")]
     async fn the_delivery_span_continues_the_incoming_trace_in_opentelemetry() {
         let tracer = opentelemetry::trace::noop::NoopTracer::new();
@@ -106,7 +72,11 @@ mod tests {
         let mut env = Envelope::new("t", "{}");
         env.trace.traceparent =
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
-        let incoming = Incoming::new(Arc::new(env), Publisher::new(Arc::new(NoTransport)), "q");
+        let incoming = Incoming::new(
+            Arc::new(env),
+            Publisher::new(Arc::new(crate::testing::NoTransport)),
+            "q",
+        );
         let outcome = traced.ready().await.unwrap().call(incoming).await.unwrap();
         assert_eq!(outcome, Outcome::HANDLED);
         assert_eq!(

@@ -119,7 +119,9 @@ pub(crate) fn quote(s: &str, max: usize) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() || c == '"' || c == '\\' {
+        // Control characters, and the ones that reorder or break lines.
+        let invisible = matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || invisible || c == '"' || c == '\\' {
             let _ = write!(out, "{}", c.escape_default());
         } else {
             out.push(c);
@@ -183,10 +185,11 @@ fn check(env: &Envelope, limits: &Limits) -> Result<(), (DeadLetterReason, Strin
             Some(_) => {}
         }
     }
-    let json = env
-        .content_type
-        .as_deref()
-        .is_none_or(|ct| ct.contains("json"));
+    let json = env.content_type.as_deref().is_none_or(|ct| {
+        ct.as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"json"))
+    });
     if json {
         if env.payload.is_empty() {
             return malformed("the payload is empty".into());
