@@ -26,8 +26,12 @@ use crate::wire;
 
 const PUBLISH_CHANNELS: usize = 8;
 
-/// A RabbitMQ transport: one connection, a small pool of publisher
-/// channels, a channel per subscription. Clones share the connection.
+/// How long an ack or nack may take before its channel is presumed dead.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A RabbitMQ transport: one connection (re-established after a loss), a
+/// small pool of publisher channels, a channel per subscription. Clones
+/// share the connection.
 #[derive(Clone)]
 pub struct RabbitTransport {
     inner: Arc<Inner>,
@@ -35,13 +39,63 @@ pub struct RabbitTransport {
 
 struct Inner {
     config: RabbitConfig,
+    /// The live connection; replaced after a loss.
+    current: Mutex<Arc<Conn>>,
+    /// One reconnection at a time.
+    reconnecting: tokio::sync::Mutex<()>,
+    next_publisher: AtomicUsize,
+    /// Everything declared, declared again after a reconnection.
+    declared: Mutex<Vec<Topology>>,
+    topics: Mutex<HashSet<String>>,
+    dead_letters: Mutex<HashMap<String, String>>,
+}
+
+/// One connection and its publisher channels.
+struct Conn {
     connection: Connection,
     /// Each publisher channel has at most one unconfirmed message, so a
     /// `basic.return` is always attributed to the publish it belongs to.
     publishers: Vec<tokio::sync::Mutex<Channel>>,
-    next_publisher: AtomicUsize,
-    topics: Mutex<HashSet<String>>,
-    dead_letters: Mutex<HashMap<String, String>>,
+    generation: u64,
+}
+
+impl Conn {
+    async fn open(config: &RabbitConfig, generation: u64) -> Result<Conn, TransportError> {
+        let mut props = ConnectionProperties::default();
+        if let Some(name) = &config.connection_name {
+            props = props.with_connection_name(name.clone().into());
+        }
+        let connection = Connection::connect(config.url_with_heartbeat().as_str(), props)
+            .await
+            .map_err(|e| {
+                TransportError::new(
+                    TransportErrorKind::Connection,
+                    format!("cannot connect to {}", config.redacted_url()),
+                )
+                .with_source(e)
+            })?;
+        let mut publishers = Vec::with_capacity(PUBLISH_CHANNELS);
+        for _ in 0..PUBLISH_CHANNELS {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| amqp_error("cannot open a channel", e))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| amqp_error("cannot enable publisher confirms", e))?;
+            publishers.push(tokio::sync::Mutex::new(channel));
+        }
+        Ok(Conn {
+            connection,
+            publishers,
+            generation,
+        })
+    }
+
+    fn is_alive(&self) -> bool {
+        self.connection.status().connected()
+    }
 }
 
 impl fmt::Debug for RabbitTransport {
@@ -80,42 +134,85 @@ impl RabbitTransport {
     /// Connects with `config`.
     pub async fn connect(config: RabbitConfig) -> Result<Self, TransportError> {
         config.check()?;
-        let mut props = ConnectionProperties::default();
-        if let Some(name) = &config.connection_name {
-            props = props.with_connection_name(name.clone().into());
-        }
-        let connection = Connection::connect(config.url_with_heartbeat().as_str(), props)
-            .await
-            .map_err(|e| {
-                TransportError::new(
-                    TransportErrorKind::Connection,
-                    format!("cannot connect to {}", config.redacted_url()),
-                )
-                .with_source(e)
-            })?;
-        let mut publishers = Vec::with_capacity(PUBLISH_CHANNELS);
-        for _ in 0..PUBLISH_CHANNELS {
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(|e| amqp_error("cannot open a channel", e))?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|e| amqp_error("cannot enable publisher confirms", e))?;
-            publishers.push(tokio::sync::Mutex::new(channel));
-        }
+        let conn = Conn::open(&config, 0).await?;
         tracing::debug!(url = %config.redacted_url(), "connected to RabbitMQ");
         Ok(RabbitTransport {
             inner: Arc::new(Inner {
                 config,
-                connection,
-                publishers,
+                current: Mutex::new(Arc::new(conn)),
+                reconnecting: tokio::sync::Mutex::new(()),
                 next_publisher: AtomicUsize::new(0),
+                declared: Mutex::default(),
                 topics: Mutex::default(),
                 dead_letters: Mutex::default(),
             }),
         })
+    }
+
+    fn conn(&self) -> Arc<Conn> {
+        Arc::clone(&self.inner.current.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A live connection newer than generation `broken` (the one that
+    /// failed): reconnects with capped exponential backoff and re-declares
+    /// everything declared so far; gives up after `give_up` (never: `None`).
+    async fn reconnect(
+        &self,
+        broken: u64,
+        give_up: Option<Duration>,
+    ) -> Result<Arc<Conn>, TransportError> {
+        let _one_at_a_time = self.inner.reconnecting.lock().await;
+        let current = self.conn();
+        if current.generation != broken && current.is_alive() {
+            return Ok(current);
+        }
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match Conn::open(&self.inner.config, current.generation + 1).await {
+                Ok(conn) => {
+                    let conn = Arc::new(conn);
+                    *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Arc::clone(&conn);
+                    let declared = self
+                        .inner
+                        .declared
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    for topology in &declared {
+                        if let Err(e) = self.declare_on(&conn, topology).await {
+                            tracing::warn!(error = %e, "re-declaring after reconnection failed");
+                        }
+                    }
+                    tracing::info!(
+                        url = %self.inner.config.redacted_url(),
+                        generation = conn.generation,
+                        "reconnected to RabbitMQ"
+                    );
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    if give_up.is_some_and(|limit| started.elapsed() >= limit) {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, retry_in = ?pause, "RabbitMQ connection lost; reconnecting");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// A live connection, reconnecting (within the publish timeout) if the
+    /// current one is down.
+    async fn live_conn(&self) -> Result<Arc<Conn>, TransportError> {
+        let conn = self.conn();
+        if conn.is_alive() {
+            return Ok(conn);
+        }
+        self.reconnect(conn.generation, Some(self.inner.config.publish_timeout))
+            .await
     }
 
     /// The delay tiers and the names of their queues for `source`.
@@ -166,8 +263,21 @@ impl RabbitTransport {
     }
 
     async fn declare_all(&self, topology: &Topology) -> Result<(), TransportError> {
-        let ch = self
+        let conn = self.live_conn().await?;
+        self.declare_on(&conn, topology).await?;
+        let mut declared = self
             .inner
+            .declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !declared.contains(topology) {
+            declared.push(topology.clone());
+        }
+        Ok(())
+    }
+
+    async fn declare_on(&self, conn: &Conn, topology: &Topology) -> Result<(), TransportError> {
+        let ch = conn
             .connection
             .create_channel()
             .await
@@ -248,7 +358,9 @@ impl RabbitTransport {
         Ok(())
     }
 
-    /// Publishes on one pooled channel and waits for the broker's confirm.
+    /// Publishes and waits for the broker's confirm; if the connection died
+    /// under it, publishes once more on a new one (at-least-once: the first
+    /// may have arrived too).
     async fn publish_raw(
         &self,
         exchange: &str,
@@ -267,8 +379,37 @@ impl RabbitTransport {
             ));
         }
         let props = wire::encode(envelope, prior_attempts);
+        let conn = self.live_conn().await?;
+        match self
+            .publish_on(&conn, exchange, routing_key, envelope, props.clone())
+            .await
+        {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    TransportErrorKind::Connection | TransportErrorKind::StaleDelivery
+                ) =>
+            {
+                let conn = self
+                    .reconnect(conn.generation, Some(self.inner.config.publish_timeout))
+                    .await?;
+                self.publish_on(&conn, exchange, routing_key, envelope, props)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_on(
+        &self,
+        conn: &Conn,
+        exchange: &str,
+        routing_key: &str,
+        envelope: &Envelope,
+        props: lapin::BasicProperties,
+    ) -> Result<(), TransportError> {
         let i = self.inner.next_publisher.fetch_add(1, Ordering::Relaxed) % PUBLISH_CHANNELS;
-        let channel = self.inner.publishers[i].lock().await;
+        let channel = conn.publishers[i].lock().await;
         let confirm = async {
             channel
                 .basic_publish(
@@ -352,7 +493,7 @@ impl RabbitTransport {
     /// Whether an exchange named `name` exists (a passive declare on a
     /// throwaway channel: a missing one closes the channel).
     async fn exchange_exists(&self, name: &str) -> bool {
-        let Ok(ch) = self.inner.connection.create_channel().await else {
+        let Ok(ch) = self.conn().connection.create_channel().await else {
             return false;
         };
         let found = ch
@@ -373,61 +514,140 @@ impl RabbitTransport {
         found
     }
 
+    /// Opens a channel with the prefetch and starts consuming `source`.
+    async fn consume_on(
+        &self,
+        conn: &Conn,
+        source: &str,
+        prefetch: u16,
+    ) -> Result<lapin::Consumer, TransportError> {
+        let ch = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("cannot open a channel", e))?;
+        ch.basic_qos(prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| amqp_error("cannot set the prefetch", e))?;
+        ch.basic_consume(
+            source.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error(&format!("cannot consume from {source:?}"), e))
+    }
+
+    fn delivery(&self, source: &Arc<str>, d: lapin::message::Delivery) -> Delivery {
+        let classic = self.inner.config.queue_kind == QueueKind::Classic;
+        let redelivered = d.redelivered;
+        let (envelope, counts) = wire::decode(&d.properties, d.data);
+        // Attempts: delay-tier retries recorded in the copy, plus the
+        // broker's count of earlier deliveries of this copy (quorum queues
+        // count crashes and requeues; classic ones only flag them).
+        let earlier = if classic {
+            u32::from(redelivered)
+        } else {
+            counts.delivery_count
+        };
+        let attempt = counts
+            .prior_attempts
+            .saturating_add(earlier)
+            .saturating_add(1);
+        let envelope = Arc::new(envelope);
+        let settler = RabbitSettler {
+            transport: self.clone(),
+            acker: Some(d.acker),
+            source: Arc::clone(source),
+            envelope: Arc::clone(&envelope),
+            attempt,
+        };
+        Delivery::new(envelope, attempt, Box::new(settler))
+    }
+
     async fn subscribe_to(
         &self,
         source: &str,
         options: SubscribeOptions,
     ) -> Result<DeliveryStream, TransportError> {
-        let ch = self
-            .inner
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error("cannot open a channel", e))?;
         let prefetch = u16::try_from(options.prefetch).unwrap_or(u16::MAX);
-        ch.basic_qos(prefetch, BasicQosOptions { global: false })
-            .await
-            .map_err(|e| amqp_error("cannot set the prefetch", e))?;
-        let consumer = ch
-            .basic_consume(
-                source.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| amqp_error(&format!("cannot consume from {source:?}"), e))?;
-        let source: Arc<str> = source.into();
-        let transport = self.clone();
-        let classic = self.inner.config.queue_kind == QueueKind::Classic;
-        let stream = consumer.map(move |delivery| {
-            let d = delivery.map_err(|e| amqp_error("the subscription failed", e))?;
-            let redelivered = d.redelivered;
-            let (envelope, counts) = wire::decode(&d.properties, d.data);
-            // Attempts: delay-tier retries recorded in the copy, plus the
-            // broker's count of earlier deliveries of this copy (quorum
-            // queues count crashes and requeues; classic ones only flag them).
-            let earlier = if classic {
-                u32::from(redelivered)
-            } else {
-                counts.delivery_count
-            };
-            let attempt = counts
-                .prior_attempts
-                .saturating_add(earlier)
-                .saturating_add(1);
-            let settler = RabbitSettler {
-                transport: transport.clone(),
-                acker: Some(d.acker),
-                source: Arc::clone(&source),
-                envelope: Arc::new(envelope),
-                attempt,
-            };
-            let envelope = Arc::clone(&settler.envelope);
-            Ok(Delivery::new(envelope, attempt, Box::new(settler)))
+        let conn = self.live_conn().await?;
+        let consumer = self.consume_on(&conn, source, prefetch).await?;
+        let state = Subscription {
+            transport: self.clone(),
+            source: source.into(),
+            prefetch,
+            generation: conn.generation,
+            consumer: Some(consumer),
+        };
+        // Survives connection loss: the stream reports the interruption
+        // once, reconnects (with backoff, re-declaring), consumes again, and
+        // carries on. Deliveries of the dead channel cannot be settled any
+        // more (StaleDelivery); RabbitMQ redelivers them.
+        let stream = futures_util::stream::unfold(state, |mut sub| async move {
+            loop {
+                let Some(consumer) = sub.consumer.as_mut() else {
+                    let conn = match sub.transport.reconnect(sub.generation, None).await {
+                        Ok(conn) => conn,
+                        Err(e) => return Some((Err(e), sub)),
+                    };
+                    sub.generation = conn.generation;
+                    match sub
+                        .transport
+                        .consume_on(&conn, &sub.source, sub.prefetch)
+                        .await
+                    {
+                        Ok(consumer) => {
+                            sub.consumer = Some(consumer);
+                            tracing::info!(source = %sub.source, "consuming again after reconnection");
+                            continue;
+                        }
+                        Err(e) if e.kind() == TransportErrorKind::NotFound => {
+                            let closed = TransportError::new(
+                                TransportErrorKind::Closed,
+                                format!("queue {:?} no longer exists", &*sub.source),
+                            )
+                            .with_source(e);
+                            return Some((Err(closed), sub));
+                        }
+                        Err(e) => return Some((Err(e), sub)),
+                    }
+                };
+                let (delivery, next) = match consumer.next().await {
+                    Some(Ok(d)) => (Ok(sub.transport.delivery(&sub.source, d)), true),
+                    Some(Err(e)) => (
+                        Err(amqp_error(
+                            "the subscription was interrupted; reconnecting",
+                            e,
+                        )),
+                        false,
+                    ),
+                    // Cancelled by the broker, or its connection closed.
+                    None => (
+                        Err(TransportError::new(
+                            TransportErrorKind::Connection,
+                            format!("the subscription to {:?} ended; reconnecting", &*sub.source),
+                        )),
+                        false,
+                    ),
+                };
+                if !next {
+                    sub.consumer = None;
+                }
+                return Some((delivery, sub));
+            }
         });
         Ok(Box::pin(stream))
     }
+}
+
+struct Subscription {
+    transport: RabbitTransport,
+    source: Arc<str>,
+    prefetch: u16,
+    generation: u64,
+    consumer: Option<lapin::Consumer>,
 }
 
 /// Settles one delivery: acks through its acker, and republishes (with
@@ -441,13 +661,24 @@ struct RabbitSettler {
 }
 
 impl RabbitSettler {
-    async fn ack(acker: &Acker, source: &str) -> Result<(), TransportError> {
-        match acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => Ok(()),
+    /// An ack or nack on a channel whose connection died can wait forever
+    /// for an answer that will not come: bounded, it is a stale delivery
+    /// (RabbitMQ redelivers whatever the dead channel held).
+    async fn answered(
+        call: impl std::future::Future<Output = lapin::Result<bool>>,
+        what: &str,
+        source: &str,
+    ) -> Result<(), TransportError> {
+        match tokio::time::timeout(SETTLE_TIMEOUT, call).await {
+            Ok(Ok(true)) => Ok(()),
             // The channel is gone: the broker redelivers the message.
-            Ok(false) => Err(stale(source)),
-            Err(e) => Err(amqp_error("ack failed", e)),
+            Ok(Ok(false)) | Err(_) => Err(stale(source)),
+            Ok(Err(e)) => Err(amqp_error(&format!("{what} failed"), e)),
         }
+    }
+
+    async fn ack(acker: &Acker, source: &str) -> Result<(), TransportError> {
+        Self::answered(acker.ack(BasicAckOptions::default()), "ack", source).await
     }
 
     async fn requeue(acker: &Acker, source: &str) -> Result<(), TransportError> {
@@ -455,11 +686,7 @@ impl RabbitSettler {
             requeue: true,
             multiple: false,
         };
-        match acker.nack(options).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(stale(source)),
-            Err(e) => Err(amqp_error("nack failed", e)),
-        }
+        Self::answered(acker.nack(options), "nack", source).await
     }
 
     async fn settle_now(self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {

@@ -216,3 +216,82 @@ async fn the_password_never_shows_in_errors_or_debug() {
     assert!(!text.contains("hunter2"), "{text}");
     assert!(text.contains("guest:***@127.0.0.1:1"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumption_resumes_by_itself_after_the_connection_is_cut_and_nothing_is_lost() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use switchyard_testkit::FaultProxy;
+
+    const N: usize = 2000;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let direct = connect().await;
+    let q = queue(&direct, "cut").await;
+    for n in 0..N {
+        direct
+            .publish(&q, Envelope::new(Poison::TYPE, format!(r#"{{"n":{n}}}"#)))
+            .await
+            .unwrap();
+    }
+    let proxy = FaultProxy::start("127.0.0.1:5672").await.unwrap();
+    let through_proxy = RabbitTransport::connect(
+        RabbitConfig::new(format!("amqp://guest:guest@{}/%2f", proxy.addr()))
+            .queue_expires(Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
+    let handled: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
+    let router = switchyard_core::Router::builder()
+        .route({
+            let handled = Arc::clone(&handled);
+            move |p: Poison, _: Context| {
+                let handled = Arc::clone(&handled);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    *handled.lock().unwrap().entry(p.n).or_default() += 1;
+                    Ok::<_, HandleError>(())
+                }
+            }
+        })
+        .build();
+    let consumer = Consumer::builder(through_proxy, q.clone())
+        .concurrency(64)
+        .serve_default(router)
+        .spawn();
+    let distinct = |h: &Arc<Mutex<HashMap<u32, u32>>>| h.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while distinct(&handled) < N / 4 {
+        assert!(Instant::now() < deadline, "consumption did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Cut the connection with many deliveries in flight.
+    assert!(proxy.live_connections() >= 1);
+    proxy.cut();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while distinct(&handled) < N {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {N} handled after the cut: consumption did not resume",
+            distinct(&handled)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = consumer.shutdown().await.unwrap();
+    let handled = handled.lock().unwrap();
+    let twice: Vec<_> = handled.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "handled more than once despite dedupe: {twice:?} ({report:?})"
+    );
+    assert!(
+        report.received as usize > N,
+        "the cut made RabbitMQ redeliver: {report:?}"
+    );
+    assert_eq!(
+        report.abandoned, 0,
+        "settlements on the dead channel never hang: {report:?}"
+    );
+}

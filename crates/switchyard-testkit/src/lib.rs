@@ -1,5 +1,5 @@
 //! Test support for switchyard adapters: the one transport conformance suite
-//! that every adapter runs.
+//! that every adapter runs, and a TCP fault proxy for connection-loss tests.
 //!
 //! An adapter's test implements [`Harness`] (how to connect to the broker
 //! under test) and calls [`run_conformance`]. Every case runs unless the
@@ -28,5 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod conformance;
+pub mod fault_proxy;
 
 pub use conformance::{run_case, run_conformance, Case, CaseResult, Harness, Report, SuiteConfig};
+pub use fault_proxy::FaultProxy;
