@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Acker, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use switchyard_core::transport::BoxFuture;
 use switchyard_core::{
     Capabilities, DeadLetterInfo, Delivery, DeliveryStream, Envelope, OrderingSupport, QueueSpec,
@@ -21,6 +21,7 @@ use switchyard_core::{
     TransportErrorKind,
 };
 
+use crate::acks::Acks;
 use crate::config::{QueueKind, RabbitConfig};
 use crate::wire;
 
@@ -520,7 +521,7 @@ impl RabbitTransport {
         conn: &Conn,
         source: &str,
         prefetch: u16,
-    ) -> Result<lapin::Consumer, TransportError> {
+    ) -> Result<(lapin::Consumer, Acks), TransportError> {
         let ch = conn
             .connection
             .create_channel()
@@ -529,17 +530,19 @@ impl RabbitTransport {
         ch.basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|e| amqp_error("cannot set the prefetch", e))?;
-        ch.basic_consume(
-            source.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| amqp_error(&format!("cannot consume from {source:?}"), e))
+        let consumer = ch
+            .basic_consume(
+                source.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error(&format!("cannot consume from {source:?}"), e))?;
+        Ok((consumer, Acks::spawn(ch)))
     }
 
-    fn delivery(&self, source: &Arc<str>, d: lapin::message::Delivery) -> Delivery {
+    fn delivery(&self, source: &Arc<str>, acks: &Acks, d: lapin::message::Delivery) -> Delivery {
         let classic = self.inner.config.queue_kind == QueueKind::Classic;
         let redelivered = d.redelivered;
         let (envelope, counts) = wire::decode(&d.properties, d.data);
@@ -556,9 +559,11 @@ impl RabbitTransport {
             .saturating_add(earlier)
             .saturating_add(1);
         let envelope = Arc::new(envelope);
+        acks.delivered(d.delivery_tag);
         let settler = RabbitSettler {
             transport: self.clone(),
-            acker: Some(d.acker),
+            acks: Some(acks.clone()),
+            tag: d.delivery_tag,
             source: Arc::clone(source),
             envelope: Arc::clone(&envelope),
             attempt,
@@ -587,7 +592,7 @@ impl RabbitTransport {
         // more (StaleDelivery); RabbitMQ redelivers them.
         let stream = futures_util::stream::unfold(state, |mut sub| async move {
             loop {
-                let Some(consumer) = sub.consumer.as_mut() else {
+                let Some((consumer, acks)) = sub.consumer.as_mut() else {
                     let conn = match sub.transport.reconnect(sub.generation, None).await {
                         Ok(conn) => conn,
                         Err(e) => return Some((Err(e), sub)),
@@ -615,7 +620,7 @@ impl RabbitTransport {
                     }
                 };
                 let (delivery, next) = match consumer.next().await {
-                    Some(Ok(d)) => (Ok(sub.transport.delivery(&sub.source, d)), true),
+                    Some(Ok(d)) => (Ok(sub.transport.delivery(&sub.source, acks, d)), true),
                     Some(Err(e)) => (
                         Err(amqp_error(
                             "the subscription was interrupted; reconnecting",
@@ -647,58 +652,54 @@ struct Subscription {
     source: Arc<str>,
     prefetch: u16,
     generation: u64,
-    consumer: Option<lapin::Consumer>,
+    consumer: Option<(lapin::Consumer, Acks)>,
 }
 
-/// Settles one delivery: acks through its acker, and republishes (with
-/// confirms) before acking for retries and dead-letters.
+/// Settles one delivery: acks through the channel's coalescing worker, and
+/// republishes (with confirms) before acking for retries and dead-letters.
 struct RabbitSettler {
     transport: RabbitTransport,
-    acker: Option<Acker>,
+    /// `None` once settled.
+    acks: Option<Acks>,
+    tag: u64,
     source: Arc<str>,
     envelope: Arc<Envelope>,
     attempt: u32,
 }
 
 impl RabbitSettler {
-    /// An ack or nack on a channel whose connection died can wait forever
-    /// for an answer that will not come: bounded, it is a stale delivery
-    /// (RabbitMQ redelivers whatever the dead channel held).
-    async fn answered(
-        call: impl std::future::Future<Output = lapin::Result<bool>>,
-        what: &str,
-        source: &str,
-    ) -> Result<(), TransportError> {
-        match tokio::time::timeout(SETTLE_TIMEOUT, call).await {
-            Ok(Ok(true)) => Ok(()),
-            // The channel is gone: the broker redelivers the message.
-            Ok(Ok(false)) | Err(_) => Err(stale(source)),
-            Ok(Err(e)) => Err(amqp_error(&format!("{what} failed"), e)),
+    fn ack(acks: &Acks, tag: u64, source: &str) -> Result<(), TransportError> {
+        // Queued in order for the wire; a coalesced ack lost with its
+        // channel shows up as a redelivery.
+        if acks.ack(tag) {
+            Ok(())
+        } else {
+            Err(stale(source))
         }
     }
 
-    async fn ack(acker: &Acker, source: &str) -> Result<(), TransportError> {
-        Self::answered(acker.ack(BasicAckOptions::default()), "ack", source).await
+    /// A nack on a channel whose connection died can wait forever for an
+    /// answer that will not come: bounded, it is a stale delivery (RabbitMQ
+    /// redelivers whatever the dead channel held).
+    async fn requeue(acks: &Acks, tag: u64, source: &str) -> Result<(), TransportError> {
+        match tokio::time::timeout(SETTLE_TIMEOUT, acks.nack(tag, true)).await {
+            Ok(Some(Ok(()))) => Ok(()),
+            Ok(Some(Err(e))) => Err(amqp_error("nack failed", e)),
+            Ok(None) | Err(_) => Err(stale(source)),
+        }
     }
 
-    async fn requeue(acker: &Acker, source: &str) -> Result<(), TransportError> {
-        let options = BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        };
-        Self::answered(acker.nack(options), "nack", source).await
-    }
-
-    async fn settle_now(self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
-        let mut this = self;
-        let acker = this.acker.take().expect("settled once");
-        let source = Arc::clone(&this.source);
+    async fn settle_now(mut self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
+        let acks = self.acks.take().expect("settled once");
+        let (tag, source) = (self.tag, Arc::clone(&self.source));
         match settlement {
-            Settlement::Ack => Self::ack(&acker, &source).await,
-            Settlement::Release => Self::requeue(&acker, &source).await,
-            Settlement::Retry { delay } if delay.is_zero() => Self::requeue(&acker, &source).await,
+            Settlement::Ack => Self::ack(&acks, tag, &source),
+            Settlement::Release => Self::requeue(&acks, tag, &source).await,
+            Settlement::Retry { delay } if delay.is_zero() => {
+                Self::requeue(&acks, tag, &source).await
+            }
             Settlement::Retry { delay } => {
-                let tiers = this.transport.tiers(&source);
+                let tiers = self.transport.tiers(&source);
                 let (_, tier) = tiers
                     .iter()
                     .find(|(d, _)| *d >= delay)
@@ -708,23 +709,23 @@ impl RabbitSettler {
                     })?;
                 // Into the tier first (confirmed), then off the source: a
                 // crash in between leaves a duplicate, never a loss.
-                if let Err(e) = this
+                if let Err(e) = self
                     .transport
-                    .publish_raw("", tier, &this.envelope, this.attempt)
+                    .publish_raw("", tier, &self.envelope, self.attempt)
                     .await
                 {
-                    let _ = Self::requeue(&acker, &source).await;
+                    let _ = Self::requeue(&acks, tag, &source).await;
                     return Err(e);
                 }
-                Self::ack(&acker, &source).await
+                Self::ack(&acks, tag, &source)
             }
             Settlement::DeadLetter {
                 reason,
                 detail,
                 attempts,
             } => {
-                let dlq = this.transport.dead_letter_of(&source);
-                let mut envelope = Envelope::clone(&this.envelope);
+                let dlq = self.transport.dead_letter_of(&source);
+                let mut envelope = Envelope::clone(&self.envelope);
                 DeadLetterInfo {
                     reason,
                     detail,
@@ -733,11 +734,11 @@ impl RabbitSettler {
                     at: SystemTime::now(),
                 }
                 .write_to(&mut envelope.headers);
-                if let Err(e) = this.transport.publish_raw("", &dlq, &envelope, 0).await {
-                    let _ = Self::requeue(&acker, &source).await;
+                if let Err(e) = self.transport.publish_raw("", &dlq, &envelope, 0).await {
+                    let _ = Self::requeue(&acks, tag, &source).await;
                     return Err(e);
                 }
-                Self::ack(&acker, &source).await
+                Self::ack(&acks, tag, &source)
             }
         }
     }
@@ -754,17 +755,9 @@ impl Settler for RabbitSettler {
 
 impl Drop for RabbitSettler {
     fn drop(&mut self) {
-        // Dropped unsettled: give it back (lapin's acker does nothing on drop).
-        let Some(acker) = self.acker.take() else {
-            return;
-        };
-        let source = Arc::clone(&self.source);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = Self::requeue(&acker, &source).await {
-                    tracing::debug!(error = %e, "could not requeue a dropped delivery; the broker redelivers it when its channel closes");
-                }
-            });
+        // Dropped unsettled: give it back.
+        if let Some(acks) = self.acks.take() {
+            acks.nack_later(self.tag, true);
         }
     }
 }
