@@ -3,7 +3,8 @@
 //! run of acknowledged delivery tags. The per-ack round trip is the
 //! throughput limit of a RabbitMQ consumer.
 //!
-//! Rules: a run is flushed once it is [`BATCH`] long, after [`LINGER`]
+//! Rules: a run is flushed once it is [`BATCH`] long (or half the
+//! prefetch), after [`LINGER`]
 //! without more, and before any negative acknowledgement; a tag still in
 //! flight ends the run, so a nack or dead-letter in the middle never acks
 //! the deliveries after it. An ack not yet flushed when the process dies is
@@ -16,7 +17,9 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::Channel;
 use tokio::sync::{mpsc, oneshot};
 
-/// Longest run sent as one ack.
+/// Longest run sent as one ack (or half the prefetch, if smaller: the
+/// broker sends no more while the prefetch is used up, so waiting for a
+/// full prefetch's worth would stall it).
 pub(crate) const BATCH: usize = 64;
 /// How long a shorter run may wait for more.
 pub(crate) const LINGER: Duration = Duration::from_millis(5);
@@ -43,9 +46,10 @@ pub(crate) struct Acks {
 
 impl Acks {
     /// Starts the worker that owns `channel`'s acknowledgements.
-    pub(crate) fn spawn(channel: Channel) -> Acks {
+    pub(crate) fn spawn(channel: Channel, prefetch: usize) -> Acks {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(worker(channel, rx));
+        let batch = BATCH.min((prefetch / 2).max(1));
+        tokio::spawn(worker(channel, rx, batch));
         Acks { tx }
     }
 
@@ -112,7 +116,7 @@ async fn flush(channel: &Channel, tags: &mut BTreeMap<u64, bool>) {
     }
 }
 
-async fn worker(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>) {
+async fn worker(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>, batch: usize) {
     // Delivery tag -> acknowledged yet.
     let mut tags: BTreeMap<u64, bool> = BTreeMap::new();
     let mut pending = false;
@@ -143,7 +147,7 @@ async fn worker(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>) {
                     *acked = true;
                     pending = true;
                 }
-                if acked_run(&tags).is_some_and(|(_, len)| len >= BATCH) {
+                if acked_run(&tags).is_some_and(|(_, len)| len >= batch) {
                     flush(&channel, &mut tags).await;
                     pending = false;
                 }

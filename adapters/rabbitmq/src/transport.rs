@@ -25,13 +25,13 @@ use crate::acks::Acks;
 use crate::config::{QueueKind, RabbitConfig};
 use crate::wire;
 
-const PUBLISH_CHANNELS: usize = 8;
+const PUBLISH_CHANNELS: usize = 64;
 
 /// How long an ack or nack may take before its channel is presumed dead.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A RabbitMQ transport: one connection (re-established after a loss), a
-/// small pool of publisher channels, a channel per subscription. Clones
+/// pool of publisher channels, a channel per subscription. Clones
 /// share the connection.
 #[derive(Clone)]
 pub struct RabbitTransport {
@@ -539,7 +539,7 @@ impl RabbitTransport {
             )
             .await
             .map_err(|e| amqp_error(&format!("cannot consume from {source:?}"), e))?;
-        Ok((consumer, Acks::spawn(ch)))
+        Ok((consumer, Acks::spawn(ch, usize::from(prefetch))))
     }
 
     fn delivery(&self, source: &Arc<str>, acks: &Acks, d: lapin::message::Delivery) -> Delivery {

@@ -167,14 +167,19 @@ async fn a_consumer_whose_connection_dies_mid_handler_loses_nothing() {
     };
     // A consumer takes some messages and "dies" mid-handler: its connection
     // goes away with the deliveries unacknowledged.
-    let proxy = switchyard_testkit::FaultProxy::start("127.0.0.1:5672").await.unwrap();
+    let proxy = switchyard_testkit::FaultProxy::start("127.0.0.1:5672")
+        .await
+        .unwrap();
     let victim = RabbitTransport::connect(
         RabbitConfig::new(format!("amqp://guest:guest@{}/%2f", proxy.addr()))
             .queue_expires(Duration::from_secs(60)),
     )
     .await
     .unwrap();
-    let mut s = victim.subscribe(&q, SubscribeOptions::default().prefetch(5)).await.unwrap();
+    let mut s = victim
+        .subscribe(&q, SubscribeOptions::default().prefetch(5))
+        .await
+        .unwrap();
     let mut held = Vec::new();
     for _ in 0..5 {
         held.push(s.next().await.unwrap().unwrap());

@@ -4,6 +4,8 @@
 //! Not a public API: it exists so that the two measure the same thing.
 #![forbid(unsafe_code)]
 
+pub mod rabbit;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -25,6 +25,7 @@ use switchyard_bench::{broker, consume_raw, consume_runtime, payload, publish, r
 
 const USAGE: &str = "\
 usage: switchyard-bench memory [options]
+       switchyard-bench rabbitmq [--messages N] [--payload BYTES] [--url AMQP_URL]
 
 options:
   --messages N         messages per run (default 200000)
@@ -131,6 +132,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("memory") => parse_options(&args[1..]).and_then(|o| run_table(&o)),
+        Some("rabbitmq") => run_rabbit(&args[1..]),
         // The parent runs each row as `__row <pipeline> <messages> <payload>`.
         Some("__row") => run_child(&args[1..]),
         _ => Err(USAGE.to_owned()),
@@ -338,4 +340,51 @@ fn peak_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Raw lapin and switchyard against the same RabbitMQ, in one run.
+fn run_rabbit(args: &[String]) -> Result<(), String> {
+    let mut messages = 20_000u64;
+    let mut size = 256usize;
+    let mut url = "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--messages" => messages = parse_number(value("--messages")?)?,
+            "--payload" => size = parse_number(value("--payload")?)?,
+            "--url" => url = value("--url")?.clone(),
+            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
+        }
+    }
+    let rt = runtime().map_err(|e| e.to_string())?;
+    let rates = rt.block_on(async move {
+        tokio::spawn(async move { switchyard_bench::rabbit::run(&url, messages, size).await })
+            .await
+            .map_err(|e| e.to_string())?
+    })?;
+    println!(
+        "RabbitMQ: {messages} messages of {size} bytes, prefetch {}, 2 worker threads",
+        switchyard_bench::rabbit::PREFETCH
+    );
+    let find = |prefix: &str| {
+        rates
+            .iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map_or(f64::NAN, |r| r.per_sec)
+    };
+    let raw_publish = find("publish raw");
+    let raw_multi = find("consume raw lapin, multiple");
+    for r in &rates {
+        let vs = if r.name.starts_with("publish") {
+            r.per_sec / raw_publish
+        } else {
+            r.per_sec / raw_multi
+        };
+        println!(
+            "{:<45} {:>10.0} msg/s   {:>5.2} of raw",
+            r.name, r.per_sec, vs
+        );
+    }
+    Ok(())
 }
