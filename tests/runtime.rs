@@ -1,26 +1,20 @@
 //! The consumer runtime end to end on the memory transport: settlement by
 //! error class, panics, bounded concurrency, leases, drain and shutdown.
 
+mod common;
+
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
+use common::{broker, broker_with, dead_letters, eventually, publisher, Job};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use switchyard::memory::MemoryTransport;
 use switchyard::{
-    Consumer, Context, DeadLetterInfo, DeadLetterReason, Envelope, HandleError, Message, Publisher,
-    QueueSpec, Router, SubscribeOptions, Topology, Transport,
+    Consumer, Context, DeadLetterReason, Envelope, HandleError, Message, QueueSpec, Router,
+    SubscribeOptions, Topology, Transport,
 };
-
-#[derive(Serialize, Deserialize, Debug, Clone)]
-struct Job {
-    n: u32,
-}
-
-impl Message for Job {
-    const TYPE: &'static str = "test.job";
-}
 
 #[derive(Serialize, Deserialize, Debug)]
 struct JobV2 {
@@ -30,47 +24,6 @@ struct JobV2 {
 impl Message for JobV2 {
     const TYPE: &'static str = "test.job";
     const VERSION: u32 = 2;
-}
-
-async fn broker_with(queue: QueueSpec) -> MemoryTransport {
-    let broker = MemoryTransport::new();
-    broker.declare(&Topology::new().queue(queue)).await.unwrap();
-    broker
-}
-
-async fn broker() -> MemoryTransport {
-    broker_with(QueueSpec::new("jobs")).await
-}
-
-fn publisher(broker: &MemoryTransport) -> Publisher {
-    Publisher::new(Arc::new(broker.clone()))
-}
-
-/// Waits until `cond` holds, failing the test after 10 s.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// Reads every message in a dead-letter queue.
-async fn dead_letters(broker: &MemoryTransport, dlq: &str) -> Vec<(Envelope, DeadLetterInfo)> {
-    let mut out = Vec::new();
-    let mut stream = broker
-        .subscribe(dlq, SubscribeOptions::default())
-        .await
-        .unwrap();
-    while let Ok(Some(Ok(d))) =
-        tokio::time::timeout(Duration::from_millis(100), stream.next()).await
-    {
-        let env = d.envelope().clone();
-        let info = DeadLetterInfo::read_from(&env.headers).expect("reason metadata");
-        d.ack().await.unwrap();
-        out.push((env, info));
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
