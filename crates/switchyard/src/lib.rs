@@ -6,7 +6,7 @@
 //! dead-letter with a reason, bound in-flight work, and drain on shutdown.
 //!
 //! This crate re-exports [`switchyard_core`] and, behind cargo features, the
-//! broker adapters (`memory`, on by default; `rabbitmq`), plus
+//! broker adapters (`memory`, on by default; `rabbitmq`; `nats`), plus
 //! `opentelemetry` for OpenTelemetry span parents.
 //!
 //! ```
@@ -53,6 +53,12 @@ pub mod memory {
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq {
     pub use switchyard_rabbitmq::*;
+}
+
+/// The NATS JetStream transport (feature `nats`).
+#[cfg(feature = "nats")]
+pub mod nats {
+    pub use switchyard_nats::*;
 }
 
 /// The README's code, compiled and run as a doc test.

@@ -1,0 +1,609 @@
+//! The JetStream transport.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::jetstream::stream::{self, Source};
+use async_nats::jetstream::{self, Context};
+use futures_util::StreamExt;
+use switchyard_core::transport::BoxFuture;
+use switchyard_core::{
+    Capabilities, DeadLetterInfo, Delivery, DeliveryStream, Envelope, OrderingSupport, QueueSpec,
+    Settlement, Settler, SubscribeOptions, Support, Topology, Transport, TransportError,
+    TransportErrorKind,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::wire;
+
+/// The durable pull consumer every subscriber of a queue shares.
+const CONSUMER: &str = "switchyard";
+/// Room left for headers under the server's `max_payload`.
+const HEADER_ROOM: usize = 16 * 1024;
+
+/// How to reach NATS. `Debug` never shows credentials.
+#[derive(Clone)]
+pub struct NatsConfig {
+    url: String,
+    name: Option<String>,
+    credentials: Option<(String, String)>,
+    token: Option<String>,
+    ack_wait: Duration,
+    double_ack: bool,
+}
+
+impl NatsConfig {
+    /// Settings for `url` (`nats://host:4222`): an ack wait of 30 s (the
+    /// lease) unless a queue declares its own, plain acks.
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsConfig {
+            url: url.into(),
+            name: None,
+            credentials: None,
+            token: None,
+            ack_wait: Duration::from_secs(30),
+            double_ack: false,
+        }
+    }
+
+    /// The connection name the server shows.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// User and password.
+    pub fn user_and_password(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.credentials = Some((user.into(), password.into()));
+        self
+    }
+
+    /// A token.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The default lease (`ack_wait`) of declared queues.
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
+    }
+
+    /// Waits for the server to confirm each ack (`double ack`).
+    pub fn double_ack(mut self, on: bool) -> Self {
+        self.double_ack = on;
+        self
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url)
+            .field("name", &self.name)
+            .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("password", &self.credentials.as_ref().map(|_| "***"))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("ack_wait", &self.ack_wait)
+            .field("double_ack", &self.double_ack)
+            .finish()
+    }
+}
+
+/// A NATS JetStream transport. Clones share the connection (async-nats
+/// reconnects by itself).
+#[derive(Clone)]
+pub struct NatsTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: NatsConfig,
+    js: Context,
+    max_payload: usize,
+    /// Queue -> its dead-letter subject and lease, as declared here.
+    queues: Mutex<HashMap<String, (String, Duration)>>,
+}
+
+impl fmt::Debug for NatsTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn error(
+    kind: TransportErrorKind,
+    what: String,
+    e: impl Into<switchyard_core::BoxError>,
+) -> TransportError {
+    TransportError::new(kind, what).with_source(e)
+}
+
+/// A stream name for a subject: streams may not contain `.`, spaces,
+/// wildcards or path separators.
+pub(crate) fn stream_name(subject: &str) -> String {
+    subject
+        .chars()
+        .map(|c| {
+            if matches!(c, '.' | ' ' | '*' | '>' | '/' | '\\' | '\t') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+impl NatsTransport {
+    /// Connects with `config`.
+    pub async fn connect(config: NatsConfig) -> Result<Self, TransportError> {
+        let mut options = async_nats::ConnectOptions::new().event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS connection lost; reconnecting")
+                }
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        });
+        if let Some(name) = &config.name {
+            options = options.name(name);
+        }
+        if let Some((user, password)) = &config.credentials {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &config.token {
+            options = options.token(token.clone());
+        }
+        let client = options.connect(config.url.as_str()).await.map_err(|e| {
+            error(
+                TransportErrorKind::Connection,
+                format!("cannot connect to {}", config.url),
+                e,
+            )
+        })?;
+        let max_payload = client.server_info().max_payload.saturating_sub(HEADER_ROOM);
+        Ok(NatsTransport {
+            inner: Arc::new(Inner {
+                js: jetstream::new(client),
+                max_payload,
+                queues: Mutex::default(),
+                config,
+            }),
+        })
+    }
+
+    fn queue_info(&self, queue: &str) -> (String, Duration) {
+        self.inner
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(queue)
+            .cloned()
+            .unwrap_or_else(|| (format!("{queue}.dlq"), self.inner.config.ack_wait))
+    }
+
+    async fn ensure_stream(
+        &self,
+        subject: &str,
+        sources: Option<Vec<Source>>,
+    ) -> Result<(), TransportError> {
+        let config = stream::Config {
+            name: stream_name(subject),
+            subjects: vec![subject.to_owned()],
+            sources,
+            ..Default::default()
+        };
+        self.inner
+            .js
+            .get_or_create_stream(config)
+            .await
+            .map(drop)
+            .map_err(|e| {
+                error(
+                    TransportErrorKind::Config,
+                    format!("cannot declare stream for {subject:?}"),
+                    e,
+                )
+            })
+    }
+
+    async fn declare_all(&self, topology: &Topology) -> Result<(), TransportError> {
+        for q in &topology.queues {
+            let dlq = q
+                .dead_letter
+                .clone()
+                .unwrap_or_else(|| format!("{}.dlq", q.name));
+            self.ensure_stream(&dlq, None).await?;
+            self.ensure_stream(&q.name, None).await?;
+            let lease = q.lease.unwrap_or(self.inner.config.ack_wait);
+            self.inner
+                .queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(q.name.clone(), (dlq, lease));
+        }
+        for t in &topology.topics {
+            self.ensure_stream(&t.name, None).await?;
+            for queue in &t.subscriptions {
+                // The subscription's stream sources the topic's.
+                let name = stream_name(queue);
+                let mut stream = self.inner.js.get_stream(&name).await.map_err(|e| {
+                    error(
+                        TransportErrorKind::Config,
+                        format!(
+                            "topic {:?} binds queue {queue:?}, which is not declared",
+                            t.name
+                        ),
+                        e,
+                    )
+                })?;
+                let info = stream.info().await.map_err(|e| {
+                    error(
+                        TransportErrorKind::Connection,
+                        format!("cannot read stream {name:?}"),
+                        e,
+                    )
+                })?;
+                let mut config = info.config.clone();
+                let topic_stream = stream_name(&t.name);
+                let sources = config.sources.get_or_insert_with(Vec::new);
+                if !sources.iter().any(|s| s.name == topic_stream) {
+                    sources.push(Source {
+                        name: topic_stream,
+                        ..Default::default()
+                    });
+                    self.inner.js.update_stream(config).await.map_err(|e| {
+                        error(
+                            TransportErrorKind::Config,
+                            format!("cannot bind {queue:?} to topic {:?}", t.name),
+                            e,
+                        )
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_to(&self, subject: &str, envelope: &Envelope) -> Result<(), TransportError> {
+        let max = self.inner.max_payload;
+        if envelope.payload.len() > max {
+            return Err(TransportError::new(
+                TransportErrorKind::TooLarge,
+                format!(
+                    "payload of {} bytes is over the {max}-byte limit of this NATS server (max_payload less room for headers)",
+                    envelope.payload.len()
+                ),
+            ));
+        }
+        let headers = wire::encode(envelope)?;
+        let ack = self
+            .inner
+            .js
+            .publish_with_headers(subject.to_owned(), headers, envelope.payload.clone())
+            .await
+            .map_err(|e| error(TransportErrorKind::Connection, "publish failed".into(), e))?;
+        ack.await.map(drop).map_err(|e| {
+            let kind = match e.kind() {
+                PublishErrorKind::StreamNotFound => TransportErrorKind::NotFound,
+                PublishErrorKind::MaxPayloadExceeded => TransportErrorKind::TooLarge,
+                PublishErrorKind::TimedOut => TransportErrorKind::Timeout,
+                _ => TransportErrorKind::Rejected,
+            };
+            error(
+                kind,
+                format!("JetStream did not store the message for {subject:?}"),
+                e,
+            )
+        })
+    }
+
+    /// The consumer's message stream (the durable consumer is created the
+    /// first time).
+    async fn messages(
+        &self,
+        queue: &str,
+        lease: Duration,
+        prefetch: usize,
+    ) -> Result<pull::Stream, TransportError> {
+        let stream = self
+            .inner
+            .js
+            .get_stream(stream_name(queue))
+            .await
+            .map_err(|e| {
+                error(
+                    TransportErrorKind::NotFound,
+                    format!("no stream for queue {queue:?}"),
+                    e,
+                )
+            })?;
+        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                pull::Config {
+                    durable_name: Some(CONSUMER.to_owned()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: lease,
+                    // Unlimited: the runtime bounds attempts and dead-letters
+                    // with the reason; the server must not drop first.
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| {
+                error(
+                    TransportErrorKind::Config,
+                    format!("cannot create the consumer of {queue:?}"),
+                    e,
+                )
+            })?;
+        consumer
+            .stream()
+            .max_messages_per_batch(prefetch)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(|e| {
+                error(
+                    TransportErrorKind::Connection,
+                    format!("cannot consume {queue:?}"),
+                    e,
+                )
+            })
+    }
+
+    async fn subscribe_to(
+        &self,
+        queue: &str,
+        options: SubscribeOptions,
+    ) -> Result<DeliveryStream, TransportError> {
+        let (_, lease) = self.queue_info(queue);
+        let prefetch = options.prefetch.max(1);
+        let messages = self.messages(queue, lease, prefetch).await?;
+        let state = Pull {
+            transport: self.clone(),
+            queue: queue.into(),
+            lease,
+            prefetch,
+            permits: Arc::new(Semaphore::new(prefetch)),
+            messages: Some(messages),
+            pause: Duration::from_millis(100),
+        };
+        // Survives a lost server: an interrupted pull is reported once, then
+        // re-created (with backoff) until the server answers again.
+        let deliveries = futures_util::stream::unfold(state, |mut pull| async move {
+            let permit = Arc::clone(&pull.permits)
+                .acquire_owned()
+                .await
+                .expect("never closed");
+            loop {
+                let Some(messages) = pull.messages.as_mut() else {
+                    match pull
+                        .transport
+                        .messages(&pull.queue, pull.lease, pull.prefetch)
+                        .await
+                    {
+                        Ok(m) => {
+                            pull.messages = Some(m);
+                            pull.pause = Duration::from_millis(100);
+                            tracing::info!(queue = %pull.queue, "consuming again");
+                        }
+                        Err(e) => {
+                            tokio::time::sleep(pull.pause).await;
+                            pull.pause = (pull.pause * 2).min(Duration::from_secs(5));
+                            tracing::debug!(queue = %pull.queue, error = %e, "cannot consume yet");
+                        }
+                    }
+                    continue;
+                };
+                match messages.next().await {
+                    Some(Ok(message)) => {
+                        let delivery = pull.delivery(message, permit);
+                        return Some((Ok(delivery), pull));
+                    }
+                    Some(Err(e)) => {
+                        pull.messages = None;
+                        let e = error(
+                            TransportErrorKind::Connection,
+                            format!("consuming {:?} was interrupted; resuming", &*pull.queue),
+                            e,
+                        );
+                        return Some((Err(e), pull));
+                    }
+                    None => pull.messages = None,
+                }
+            }
+        });
+        Ok(Box::pin(deliveries))
+    }
+}
+
+/// The state of one subscription.
+struct Pull {
+    transport: NatsTransport,
+    queue: Arc<str>,
+    lease: Duration,
+    prefetch: usize,
+    permits: Arc<Semaphore>,
+    messages: Option<pull::Stream>,
+    pause: Duration,
+}
+
+impl Pull {
+    fn delivery(&self, message: jetstream::Message, permit: OwnedSemaphorePermit) -> Delivery {
+        let received = Instant::now();
+        let attempt = message
+            .info()
+            .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX).max(1))
+            .unwrap_or(1);
+        let (message, acker) = message.split();
+        let envelope = Arc::new(wire::decode(message.headers.as_ref(), message.payload));
+        let settler = NatsSettler {
+            transport: self.transport.clone(),
+            acker: Some(acker),
+            queue: Arc::clone(&self.queue),
+            envelope: Arc::clone(&envelope),
+            deadline: received + self.lease,
+            lease: self.lease,
+            _permit: permit,
+        };
+        Delivery::new(envelope, attempt, Box::new(settler)).with_received_at(received)
+    }
+}
+
+/// Settles one JetStream message.
+struct NatsSettler {
+    transport: NatsTransport,
+    /// `None` once settled.
+    acker: Option<Acker>,
+    queue: Arc<str>,
+    envelope: Arc<Envelope>,
+    /// When the server redelivers it unless extended.
+    deadline: Instant,
+    lease: Duration,
+    _permit: OwnedSemaphorePermit,
+}
+
+fn stale(queue: &str) -> TransportError {
+    TransportError::new(
+        TransportErrorKind::StaleDelivery,
+        format!("the lease of this delivery from {queue:?} ran out; JetStream redelivers it"),
+    )
+}
+
+fn ack_error(e: async_nats::Error) -> TransportError {
+    TransportError::new(TransportErrorKind::Connection, "acknowledgement failed").with_source(e)
+}
+
+impl NatsSettler {
+    async fn settle_now(mut self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
+        let acker = self.acker.take().expect("settled once");
+        // Past its lease the server has handed it out again: acking now
+        // would remove the copy someone else holds.
+        if Instant::now() >= self.deadline {
+            return Err(stale(&self.queue));
+        }
+        match settlement {
+            Settlement::Ack if self.transport.inner.config.double_ack => {
+                acker.double_ack().await.map_err(ack_error)
+            }
+            Settlement::Ack => acker.ack().await.map_err(ack_error),
+            Settlement::Retry { delay } => acker
+                .ack_with(AckKind::Nak((!delay.is_zero()).then_some(delay)))
+                .await
+                .map_err(ack_error),
+            Settlement::Release => acker.ack_with(AckKind::Nak(None)).await.map_err(ack_error),
+            Settlement::DeadLetter {
+                reason,
+                detail,
+                attempts,
+            } => {
+                let (dlq, _) = self.transport.queue_info(&self.queue);
+                let mut envelope = Envelope::clone(&self.envelope);
+                DeadLetterInfo {
+                    reason,
+                    detail,
+                    attempts,
+                    source: self.queue.to_string(),
+                    at: SystemTime::now(),
+                }
+                .write_to(&mut envelope.headers);
+                if let Err(e) = self.transport.publish_to(&dlq, &envelope).await {
+                    let _ = acker.ack_with(AckKind::Nak(None)).await;
+                    return Err(e);
+                }
+                acker.ack_with(AckKind::Term).await.map_err(ack_error)
+            }
+        }
+    }
+}
+
+impl Settler for NatsSettler {
+    fn settle(
+        self: Box<Self>,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), TransportError>> {
+        Box::pin(self.settle_now(settlement))
+    }
+
+    fn extend(&mut self, _lease: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move {
+            if Instant::now() >= self.deadline {
+                return Err(stale(&self.queue));
+            }
+            let acker = self.acker.as_ref().ok_or_else(|| stale(&self.queue))?;
+            // In-progress resets the server's ack wait to its full length.
+            acker.ack_with(AckKind::Progress).await.map_err(ack_error)?;
+            self.deadline = Instant::now() + self.lease;
+            Ok(())
+        })
+    }
+
+    fn lease_deadline(&self) -> Option<Instant> {
+        Some(self.deadline)
+    }
+}
+
+impl Drop for NatsSettler {
+    fn drop(&mut self) {
+        // Dropped unsettled: give it back now rather than at the ack wait.
+        let Some(acker) = self.acker.take() else {
+            return;
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = acker.ack_with(AckKind::Nak(None)).await;
+            });
+        }
+    }
+}
+
+impl Transport for NatsTransport {
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::full();
+        caps.dead_letter = Support::Emulated;
+        // A nak counts as a delivery.
+        caps.release_counts_attempt = true;
+        caps.ordering = OrderingSupport::PerSource;
+        caps.max_payload = Some(self.inner.max_payload);
+        caps
+    }
+
+    fn declare<'a>(&'a self, topology: &'a Topology) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(self.declare_all(topology))
+    }
+
+    fn publish<'a>(
+        &'a self,
+        destination: &'a str,
+        envelope: Envelope,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move { self.publish_to(destination, &envelope).await })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        source: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
+        Box::pin(self.subscribe_to(source, options))
+    }
+}
+
+#[allow(dead_code)]
+fn _queue_spec_is_used(_: QueueSpec) {}

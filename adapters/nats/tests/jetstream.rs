@@ -1,0 +1,285 @@
+//! Behaviour specific to JetStream.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use switchyard_core::{
+    Consumer, Context, DeadLetterInfo, DeadLetterReason, Envelope, HandleError, Message, QueueSpec,
+    Router, SubscribeOptions, Topology, Transport,
+};
+use switchyard_nats::{NatsConfig, NatsTransport};
+
+fn url() -> String {
+    std::env::var("SWITCHYARD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn unique(name: &str) -> String {
+    format!(
+        "sy-test-{name}-{}",
+        &switchyard_core::MessageId::new().as_str()[24..]
+    )
+}
+
+async fn connect_to(url: &str) -> NatsTransport {
+    NatsTransport::connect(NatsConfig::new(url))
+        .await
+        .expect("NATS with JetStream")
+}
+
+async fn remove_stream(url: &str, queue: &str) {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    for name in [queue.to_owned(), format!("{queue}_dlq")] {
+        let _ = js.delete_stream(&name).await;
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Job {
+    n: u32,
+}
+
+impl Message for Job {
+    const TYPE: &'static str = "test.job";
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_running_three_ack_waits_is_not_redelivered_thanks_to_in_progress() {
+    let t = connect_to(&url()).await;
+    let q = unique("slow");
+    t.declare(&Topology::new().queue(QueueSpec::new(&q).lease(Duration::from_secs(1))))
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let router = Router::builder()
+        .route({
+            let calls = Arc::clone(&calls);
+            move |_: Job, _: Context| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    Ok::<_, HandleError>(())
+                }
+            }
+        })
+        .build();
+    let consumer = Consumer::builder(t.clone(), q.clone())
+        .serve(router)
+        .spawn();
+    t.publish(&q, Envelope::new(Job::TYPE, r#"{"n":1}"#))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while consumer.stats().acked() < 1 {
+        assert!(started.elapsed() < Duration::from_secs(20), "never acked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Long enough for a redelivery to have shown up, had the lease lapsed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let report = consumer.shutdown().await.unwrap();
+    remove_stream(&url(), &q).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "redelivered while being handled: {report:?}"
+    );
+    assert_eq!((report.received, report.settle_failed), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts() {
+    let t = connect_to(&url()).await;
+    let q = unique("poison");
+    t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let router = Router::builder()
+        .route({
+            let calls = Arc::clone(&calls);
+            move |_: Job, _: Context| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(HandleError::transient("still broken")) }
+            }
+        })
+        .build();
+    let stack = switchyard_core::middleware::Stack::new()
+        .retry_policy(switchyard_core::middleware::retry::ExponentialBackoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ))
+        .build(router);
+    let consumer = Consumer::builder(t.clone(), q.clone())
+        .max_attempts(4)
+        .serve(stack)
+        .spawn();
+    let env = Envelope::new(Job::TYPE, r#"{"n":1}"#).with_header("x-keep", "me");
+    t.publish(&q, env.clone()).await.unwrap();
+    let mut dead = t
+        .subscribe(&format!("{q}.dlq"), SubscribeOptions::default())
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(30), dead.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    consumer.shutdown().await.unwrap();
+    let got = d.envelope().clone();
+    d.ack().await.unwrap();
+    remove_stream(&url(), &q).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "exactly max_attempts handler calls"
+    );
+    assert_eq!(got.id, env.id);
+    assert_eq!(got.headers.get("x-keep"), Some("me"));
+    let info = DeadLetterInfo::read_from(&got.headers).unwrap();
+    assert_eq!(
+        (info.reason, info.attempts),
+        (DeadLetterReason::MaxAttempts, 4)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_published_with_the_same_id_are_stored_once() {
+    let t = connect_to(&url()).await;
+    let q = unique("dup");
+    t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+        .await
+        .unwrap();
+    let env = Envelope::new(Job::TYPE, r#"{"n":1}"#);
+    for _ in 0..3 {
+        t.publish(&q, env.clone()).await.unwrap();
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(url()).await.unwrap());
+    let mut stream = js.get_stream(&q).await.unwrap();
+    let stored = stream.info().await.unwrap().state.messages;
+    remove_stream(&url(), &q).await;
+    assert_eq!(stored, 1, "the server's duplicate window keeps one copy");
+}
+
+/// A private nats-server with JetStream on its own port and store.
+struct PrivateServer {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateServer {
+    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
+        std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server on the PATH")
+    }
+
+    fn start(port: u16, dir: &std::path::Path) -> PrivateServer {
+        PrivateServer {
+            child: Self::spawn(port, dir),
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "private nats-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the server and starts it again on the same port and store
+    /// (the store survives: only `Drop` removes it).
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.port, &self.dir);
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumption_resumes_by_itself_after_a_server_restart_and_nothing_is_lost() {
+    const N: u32 = 2000;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let port = 14222 + (std::process::id() % 1000) as u16;
+    let dir = std::env::temp_dir().join(format!("sy-nats-{}", std::process::id()));
+    let mut server = PrivateServer::start(port, &dir);
+    server.wait_ready().await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let t = connect_to(&url).await;
+    let q = "restart";
+    t.declare(&Topology::new().queue(QueueSpec::new(q)))
+        .await
+        .unwrap();
+    for n in 0..N {
+        t.publish(q, Envelope::new(Job::TYPE, format!(r#"{{"n":{n}}}"#)))
+            .await
+            .unwrap();
+    }
+    let handled: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
+    let router = Router::builder()
+        .route({
+            let handled = Arc::clone(&handled);
+            move |job: Job, _: Context| {
+                let handled = Arc::clone(&handled);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    *handled.lock().unwrap().entry(job.n).or_default() += 1;
+                    Ok::<_, HandleError>(())
+                }
+            }
+        })
+        .build();
+    let consumer = Consumer::builder(t.clone(), q)
+        .concurrency(32)
+        .serve_default(router)
+        .spawn();
+    let distinct = || handled.lock().unwrap().len() as u32;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while distinct() < N / 4 {
+        assert!(Instant::now() < deadline, "consumption did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.restart();
+    let at_restart = distinct();
+    assert!(at_restart < N, "the restart came after the work was done");
+    server.wait_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while distinct() < N {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {N} handled after the restart: consumption did not resume ({:?})",
+            distinct(),
+            consumer.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = consumer.shutdown().await;
+    let twice = handled.lock().unwrap().values().filter(|c| **c > 1).count();
+    assert_eq!(twice, 0, "handled twice despite dedupe ({report:?})");
+}
