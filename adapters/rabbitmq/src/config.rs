@@ -27,6 +27,8 @@ pub struct RabbitConfig {
     pub(crate) max_payload: usize,
     pub(crate) publish_timeout: Duration,
     pub(crate) queue_expires: Option<Duration>,
+    pub(crate) delivery_limit: Option<u32>,
+    pub(crate) single_active_consumer: bool,
 }
 
 impl RabbitConfig {
@@ -43,7 +45,24 @@ impl RabbitConfig {
             max_payload: 8 * 1024 * 1024,
             publish_timeout: Duration::from_secs(30),
             queue_expires: None,
+            delivery_limit: None,
+            single_active_consumer: false,
         }
+    }
+
+    /// Declares quorum queues with this `x-delivery-limit` (RabbitMQ 4
+    /// defaults to 20). It must stay above the consumers' attempt budget
+    /// (twice it, as requeues count): subscribing checks.
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
+        self
+    }
+
+    /// Declares queues with `x-single-active-consumer`: one subscriber at a
+    /// time receives, the others stand by, so a queue is consumed in order.
+    pub fn single_active_consumer(mut self, on: bool) -> Self {
+        self.single_active_consumer = on;
+        self
     }
 
     /// The connection name shown in RabbitMQ's management UI.
@@ -163,6 +182,8 @@ impl fmt::Debug for RabbitConfig {
             .field("max_payload", &self.max_payload)
             .field("publish_timeout", &self.publish_timeout)
             .field("queue_expires", &self.queue_expires)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("single_active_consumer", &self.single_active_consumer)
             .finish()
     }
 }

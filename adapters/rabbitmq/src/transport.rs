@@ -244,6 +244,14 @@ impl RabbitTransport {
                 AMQPValue::LongString(LongString::from("quorum")),
             );
         }
+        if kind == QueueKind::Quorum {
+            if let Some(limit) = self.inner.config.delivery_limit {
+                args.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongLongInt(i64::from(limit)),
+                );
+            }
+        }
         if let Some(expires) = self.inner.config.queue_expires {
             let ms = i64::try_from(expires.as_millis()).unwrap_or(i64::MAX);
             args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
@@ -331,8 +339,11 @@ impl RabbitTransport {
             .clone()
             .unwrap_or_else(|| format!("{}.dlq", q.name));
         self.declare_queue(ch, &dlq, self.queue_args(kind)).await?;
-        self.declare_queue(ch, &q.name, self.queue_args(kind))
-            .await?;
+        let mut args = self.queue_args(kind);
+        if self.inner.config.single_active_consumer {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        self.declare_queue(ch, &q.name, args).await?;
         // Delay tiers: classic queues whose messages expire after the tier's
         // delay and are dead-lettered back to the source through the default
         // exchange. One queue per tier, so messages in a tier share one TTL
@@ -515,6 +526,32 @@ impl RabbitTransport {
         found
     }
 
+    /// A quorum queue's `x-delivery-limit` counts every delivery, requeues
+    /// included: at or below the consumer's budget (twice it, for
+    /// requeues), RabbitMQ would drop or dead-letter a message without its
+    /// reason before switchyard does.
+    fn check_delivery_limit(&self, source: &str, max_attempts: u32) -> Result<(), TransportError> {
+        let needed = max_attempts.saturating_mul(2);
+        let quorum = self.inner.config.queue_kind == QueueKind::Quorum;
+        match self.inner.config.delivery_limit {
+            Some(limit) if quorum && limit <= needed => Err(TransportError::new(
+                TransportErrorKind::Config,
+                format!(
+                    "queue {source:?}: x-delivery-limit {limit} must be above {needed} (twice max_attempts {max_attempts}, as requeues count); raise delivery_limit or lower max_attempts"
+                ),
+            )),
+            None if quorum && needed >= 20 => {
+                tracing::warn!(
+                    source,
+                    max_attempts,
+                    "RabbitMQ 4 limits quorum queues to 20 deliveries by default; set RabbitConfig::delivery_limit above {needed}"
+                );
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Opens a channel with the prefetch and starts consuming `source`.
     async fn consume_on(
         &self,
@@ -577,6 +614,9 @@ impl RabbitTransport {
         options: SubscribeOptions,
     ) -> Result<DeliveryStream, TransportError> {
         let prefetch = u16::try_from(options.prefetch).unwrap_or(u16::MAX);
+        if let Some(attempts) = options.max_attempts {
+            self.check_delivery_limit(source, attempts)?;
+        }
         let conn = self.live_conn().await?;
         let consumer = self.consume_on(&conn, source, prefetch).await?;
         let state = Subscription {

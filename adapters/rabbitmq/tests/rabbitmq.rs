@@ -299,3 +299,39 @@ async fn consumption_resumes_by_itself_after_the_connection_is_cut_and_nothing_i
         "settlements on the dead channel never hang: {report:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_limit_at_or_below_the_budget_is_refused_at_start_up() {
+    let t = RabbitTransport::connect(
+        RabbitConfig::new(url())
+            .queue_expires(Duration::from_secs(60))
+            .delivery_limit(8),
+    )
+    .await
+    .unwrap();
+    let q = queue(&t, "limit").await;
+    let router = switchyard_core::Router::builder()
+        .route(|_: Poison, _: Context| async { Ok::<_, HandleError>(()) })
+        .build();
+    let err = Consumer::builder(t.clone(), q.clone())
+        .max_attempts(5)
+        .serve(router.clone())
+        .spawn()
+        .shutdown()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Config);
+    assert!(
+        err.to_string()
+            .contains("x-delivery-limit 8 must be above 10"),
+        "{err}"
+    );
+    // Within the limit it starts.
+    let ok = Consumer::builder(t, q)
+        .max_attempts(3)
+        .serve(router)
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!ok.is_finished());
+    ok.shutdown().await.unwrap();
+}

@@ -369,11 +369,17 @@ pub struct SubscribeOptions {
     /// How many unsettled deliveries the subscription may hold at once;
     /// the broker sends no more until some are settled.
     pub prefetch: usize,
+    /// The consumer's attempt budget, so that an adapter can check that
+    /// the broker's own redelivery limit does not cut it short.
+    pub max_attempts: Option<u32>,
 }
 
 impl Default for SubscribeOptions {
     fn default() -> Self {
-        SubscribeOptions { prefetch: 64 }
+        SubscribeOptions {
+            prefetch: 64,
+            max_attempts: None,
+        }
     }
 }
 
@@ -381,6 +387,12 @@ impl SubscribeOptions {
     /// Sets the prefetch (at least 1).
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = n.max(1);
+        self
+    }
+
+    /// Tells the adapter the consumer's attempt budget.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
         self
     }
 }

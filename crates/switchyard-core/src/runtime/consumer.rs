@@ -325,7 +325,9 @@ where
                 "the transport redelivers but cannot count deliveries, so retries could not be bounded",
             ));
         }
-        let options = SubscribeOptions::default().prefetch(concurrency);
+        let options = SubscribeOptions::default()
+            .prefetch(concurrency)
+            .max_attempts(shared.max_attempts);
         let mut stream = shared.transport.subscribe(&shared.source, options).await?;
         // In-flight deliveries are polled by this task rather than spawned:
         // no task per message, no cross-thread wake-ups on the hot path.
