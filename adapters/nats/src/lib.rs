@@ -1,5 +1,6 @@
-//! NATS transport for switchyard, on async-nats: JetStream as the durable,
-//! at-least-once transport.
+//! NATS transports for switchyard, on async-nats: JetStream
+//! ([`NatsTransport`]) as the durable, at-least-once transport, and core
+//! NATS ([`NatsCoreTransport`]) as the fast, **at-most-once** one.
 //!
 //! - **Topology**: a queue is a stream (named after the queue, with `.`
 //!   and other characters streams may not contain replaced by `_`)
@@ -20,7 +21,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod core;
 mod transport;
 mod wire;
 
+pub use self::core::NatsCoreTransport;
 pub use transport::{NatsConfig, NatsTransport};

@@ -24,7 +24,7 @@ use crate::wire;
 /// The durable pull consumer every subscriber of a queue shares.
 const CONSUMER: &str = "switchyard";
 /// Room left for headers under the server's `max_payload`.
-const HEADER_ROOM: usize = 16 * 1024;
+pub(crate) const HEADER_ROOM: usize = 16 * 1024;
 
 /// How to reach NATS. `Debug` never shows credentials.
 #[derive(Clone)]
@@ -100,6 +100,35 @@ impl fmt::Debug for NatsConfig {
     }
 }
 
+/// Connects a client, logging disconnections and reconnections.
+pub(crate) async fn connect_client(
+    config: &NatsConfig,
+) -> Result<async_nats::Client, TransportError> {
+    let mut options = async_nats::ConnectOptions::new().event_callback(|event| async move {
+        match event {
+            async_nats::Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
+            async_nats::Event::Connected => tracing::info!("connected to NATS"),
+            other => tracing::debug!(event = %other, "NATS event"),
+        }
+    });
+    if let Some(name) = &config.name {
+        options = options.name(name);
+    }
+    if let Some((user, password)) = &config.credentials {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    options.connect(config.url.as_str()).await.map_err(|e| {
+        error(
+            TransportErrorKind::Connection,
+            format!("cannot connect to {}", config.url),
+            e,
+        )
+    })
+}
+
 /// A NATS JetStream transport. Clones share the connection (async-nats
 /// reconnects by itself).
 #[derive(Clone)]
@@ -149,31 +178,7 @@ pub(crate) fn stream_name(subject: &str) -> String {
 impl NatsTransport {
     /// Connects with `config`.
     pub async fn connect(config: NatsConfig) -> Result<Self, TransportError> {
-        let mut options = async_nats::ConnectOptions::new().event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS connection lost; reconnecting")
-                }
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                other => tracing::debug!(event = %other, "NATS event"),
-            }
-        });
-        if let Some(name) = &config.name {
-            options = options.name(name);
-        }
-        if let Some((user, password)) = &config.credentials {
-            options = options.user_and_password(user.clone(), password.clone());
-        }
-        if let Some(token) = &config.token {
-            options = options.token(token.clone());
-        }
-        let client = options.connect(config.url.as_str()).await.map_err(|e| {
-            error(
-                TransportErrorKind::Connection,
-                format!("cannot connect to {}", config.url),
-                e,
-            )
-        })?;
+        let client = connect_client(&config).await?;
         let max_payload = client.server_info().max_payload.saturating_sub(HEADER_ROOM);
         Ok(NatsTransport {
             inner: Arc::new(Inner {

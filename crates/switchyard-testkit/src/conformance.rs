@@ -676,6 +676,12 @@ async fn fan_out(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
     )
     .await
     .map_err(|e| format!("declaring topic: {e}"))?;
+    // Subscribed first: an at-most-once transport delivers only to those
+    // listening when a message is published.
+    let mut streams = vec![
+        (qa.clone(), subscribe(t, &qa, 32).await?),
+        (qb.clone(), subscribe(t, &qb, 32).await?),
+    ];
     let n = cx.config.messages.min(200);
     let mut sent = HashSet::new();
     for i in 0..n {
@@ -683,12 +689,11 @@ async fn fan_out(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
         sent.insert(env.id.clone());
         publish(t, &topic, env).await?;
     }
-    for q in [&qa, &qb] {
-        let mut stream = subscribe(t, q, 32).await?;
+    for (q, stream) in &mut streams {
         let mut missing = sent.clone();
         while !missing.is_empty() {
             let d = recv(
-                &mut stream,
+                stream,
                 cx.config.receive_timeout,
                 &format!("{} of {n} messages on subscription {q}", missing.len()),
             )
@@ -950,6 +955,7 @@ async fn concurrent_consumption(cx: &CaseCx, t: &(impl Transport + Clone)) -> Ca
         .concurrency(32)
         .serve(router)
         .spawn();
+    consumer.subscribed().await;
     for i in 0..n {
         let payload = json!({ "n": i }).to_string();
         publish(t, &queue, Envelope::new(Ping::TYPE, payload)).await?;
@@ -1044,11 +1050,11 @@ async fn per_key_order(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
     let queue = declare_queue(t, QueueSpec::new(cx.name("q"))).await?;
     let n = cx.config.messages.min(300);
     let keys = ["k-a", "k-b", "k-c"];
+    let mut stream = subscribe(t, &queue, 1).await?;
     for i in 0..n {
         let env = numbered("conformance.ordered", i).with_partition_key(keys[i % keys.len()]);
         publish(t, &queue, env).await?;
     }
-    let mut stream = subscribe(t, &queue, 1).await?;
     let mut last: BTreeMap<String, usize> = BTreeMap::new();
     for received in 0..n {
         let d = recv(

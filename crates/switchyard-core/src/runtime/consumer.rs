@@ -135,6 +135,7 @@ impl ConsumerBuilder {
                 max_retry_delay: caps.max_retry_delay,
                 publisher,
                 hard_stop: CancellationToken::new(),
+                subscribed: tokio::sync::watch::channel(false).0,
                 stats: ConsumerStats::default(),
             }),
             concurrency: self.concurrency,
@@ -153,6 +154,9 @@ struct Shared {
     publisher: Publisher,
     hard_stop: CancellationToken,
     stats: ConsumerStats,
+    /// Set once the subscription is established, or the consumer stopped
+    /// trying.
+    subscribed: tokio::sync::watch::Sender<bool>,
 }
 
 /// Counters of one consumer, readable while it runs.
@@ -259,6 +263,15 @@ impl ConsumerHandle {
         &self.shared.stats
     }
 
+    /// Waits until the consumer has subscribed to its source (returns at
+    /// once if it already has, or if it stopped without subscribing). With
+    /// an at-most-once transport, messages published before this are not
+    /// delivered to it.
+    pub async fn subscribed(&self) {
+        let mut rx = self.shared.subscribed.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
     /// Whether the consumer stopped (shut down, or its subscription failed).
     pub fn is_finished(&self) -> bool {
         self.join.is_finished()
@@ -320,6 +333,7 @@ where
         } = self;
         let caps = shared.transport.capabilities();
         if caps.redelivery.is_supported() && !caps.delivery_count.is_supported() {
+            shared.subscribed.send_replace(true);
             return Err(TransportError::new(
                 TransportErrorKind::Config,
                 "the transport redelivers but cannot count deliveries, so retries could not be bounded",
@@ -328,7 +342,10 @@ where
         let options = SubscribeOptions::default()
             .prefetch(concurrency)
             .max_attempts(shared.max_attempts);
-        let mut stream = shared.transport.subscribe(&shared.source, options).await?;
+        let subscribed = shared.transport.subscribe(&shared.source, options).await;
+        // Whether it worked or not, nobody should wait for it any more.
+        shared.subscribed.send_replace(true);
+        let mut stream = subscribed?;
         // In-flight deliveries are polled by this task rather than spawned:
         // no task per message, no cross-thread wake-ups on the hot path.
         let mut in_flight: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
