@@ -117,18 +117,15 @@ impl Transport for NatsCoreTransport {
                 ));
             }
             let headers = wire::encode(&envelope)?;
+            // At-most-once: handed to the connection, which sends it in the
+            // background; nothing stores it, so there is nothing to wait for.
             self.client
                 .publish_with_headers(destination.to_owned(), headers, envelope.payload)
                 .await
                 .map_err(|e| {
                     TransportError::new(TransportErrorKind::Connection, "publish failed")
                         .with_source(e)
-                })?;
-            // Flushed: the server has it (and has passed it on to whoever
-            // listens now; nobody later will see it).
-            self.client.flush().await.map_err(|e| {
-                TransportError::new(TransportErrorKind::Connection, "flush failed").with_source(e)
-            })
+                })
         })
     }
 

@@ -4,6 +4,7 @@
 //! Not a public API: it exists so that the two measure the same thing.
 #![forbid(unsafe_code)]
 
+pub mod nats;
 pub mod rabbit;
 
 use std::future::Future;

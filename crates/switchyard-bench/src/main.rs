@@ -26,6 +26,7 @@ use switchyard_bench::{broker, consume_raw, consume_runtime, payload, publish, r
 const USAGE: &str = "\
 usage: switchyard-bench memory [options]
        switchyard-bench rabbitmq [--messages N] [--payload BYTES] [--url AMQP_URL]
+       switchyard-bench nats [--messages N] [--payload BYTES] [--url NATS_URL]
 
 options:
   --messages N         messages per run (default 200000)
@@ -133,6 +134,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("memory") => parse_options(&args[1..]).and_then(|o| run_table(&o)),
         Some("rabbitmq") => run_rabbit(&args[1..]),
+        Some("nats") => run_nats(&args[1..]),
         // The parent runs each row as `__row <pipeline> <messages> <payload>`.
         Some("__row") => run_child(&args[1..]),
         _ => Err(USAGE.to_owned()),
@@ -384,6 +386,46 @@ fn run_rabbit(args: &[String]) -> Result<(), String> {
         println!(
             "{:<45} {:>10.0} msg/s   {:>5.2} of raw",
             r.name, r.per_sec, vs
+        );
+    }
+    Ok(())
+}
+
+/// Raw async-nats and switchyard against the same NATS server, in one run.
+fn run_nats(args: &[String]) -> Result<(), String> {
+    let mut messages = 20_000u64;
+    let mut size = 256usize;
+    let mut url = "nats://127.0.0.1:4222".to_owned();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--messages" => messages = parse_number(value("--messages")?)?,
+            "--payload" => size = parse_number(value("--payload")?)?,
+            "--url" => url = value("--url")?.clone(),
+            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
+        }
+    }
+    let rt = runtime().map_err(|e| e.to_string())?;
+    let rates = rt.block_on(async move {
+        tokio::spawn(async move { switchyard_bench::nats::run(&url, messages, size).await })
+            .await
+            .map_err(|e| e.to_string())?
+    })?;
+    println!(
+        "NATS: {messages} messages of {size} bytes, window {}, prefetch {}, 2 worker threads",
+        switchyard_bench::nats::WINDOW,
+        switchyard_bench::nats::PREFETCH
+    );
+    // Raw and switchyard side by side: publish, consume, core pub/sub.
+    for (raw, ours) in [(0, 2), (1, 3), (4, 5)] {
+        let (raw, ours) = (&rates[raw], &rates[ours]);
+        println!("{:<48} {:>10.0} msg/s", raw.name, raw.per_sec);
+        println!(
+            "{:<48} {:>10.0} msg/s   {:>5.2} of raw",
+            ours.name,
+            ours.per_sec,
+            ours.per_sec / raw.per_sec
         );
     }
     Ok(())
