@@ -106,8 +106,14 @@ pub(crate) async fn connect_client(
 ) -> Result<async_nats::Client, TransportError> {
     let mut options = async_nats::ConnectOptions::new().event_callback(|event| async move {
         match event {
-            async_nats::Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
-            async_nats::Event::Connected => tracing::info!("connected to NATS"),
+            async_nats::Event::Disconnected => {
+                metrics::counter!("switchyard_nats_disconnects_total").increment(1);
+                tracing::warn!("NATS connection lost; reconnecting");
+            }
+            async_nats::Event::Connected => {
+                metrics::counter!("switchyard_nats_connects_total").increment(1);
+                tracing::info!("connected to NATS");
+            }
             other => tracing::debug!(event = %other, "NATS event"),
         }
     });
