@@ -344,21 +344,42 @@ fn peak_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The options of a broker workload.
+struct BrokerRun {
+    messages: u64,
+    size: usize,
+    url: String,
+}
+
+impl BrokerRun {
+    /// `[--messages N] [--payload BYTES] [--url URL]`.
+    fn parse(args: &[String], default_url: &str) -> Result<Self, String> {
+        let mut run = BrokerRun {
+            messages: 20_000,
+            size: 256,
+            url: default_url.to_owned(),
+        };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+            match arg.as_str() {
+                "--messages" => run.messages = parse_number(value("--messages")?)?,
+                "--payload" => run.size = parse_number(value("--payload")?)?,
+                "--url" => run.url = value("--url")?.clone(),
+                other => return Err(format!("unknown option {other:?}\n{USAGE}")),
+            }
+        }
+        Ok(run)
+    }
+}
+
 /// Raw lapin and switchyard against the same RabbitMQ, in one run.
 fn run_rabbit(args: &[String]) -> Result<(), String> {
-    let mut messages = 20_000u64;
-    let mut size = 256usize;
-    let mut url = "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned();
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
-        match arg.as_str() {
-            "--messages" => messages = parse_number(value("--messages")?)?,
-            "--payload" => size = parse_number(value("--payload")?)?,
-            "--url" => url = value("--url")?.clone(),
-            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
-        }
-    }
+    let BrokerRun {
+        messages,
+        size,
+        url,
+    } = BrokerRun::parse(args, "amqp://guest:guest@127.0.0.1:5672/%2f")?;
     let rt = runtime().map_err(|e| e.to_string())?;
     let rates = rt.block_on(async move {
         tokio::spawn(async move { switchyard_bench::rabbit::run(&url, messages, size).await })
@@ -393,19 +414,11 @@ fn run_rabbit(args: &[String]) -> Result<(), String> {
 
 /// Raw async-nats and switchyard against the same NATS server, in one run.
 fn run_nats(args: &[String]) -> Result<(), String> {
-    let mut messages = 20_000u64;
-    let mut size = 256usize;
-    let mut url = "nats://127.0.0.1:4222".to_owned();
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
-        match arg.as_str() {
-            "--messages" => messages = parse_number(value("--messages")?)?,
-            "--payload" => size = parse_number(value("--payload")?)?,
-            "--url" => url = value("--url")?.clone(),
-            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
-        }
-    }
+    let BrokerRun {
+        messages,
+        size,
+        url,
+    } = BrokerRun::parse(args, "nats://127.0.0.1:4222")?;
     let rt = runtime().map_err(|e| e.to_string())?;
     let rates = rt.block_on(async move {
         tokio::spawn(async move { switchyard_bench::nats::run(&url, messages, size).await })
