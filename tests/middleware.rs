@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{broker, dead_letters, eventually, publisher, Job};
 use futures_util::StreamExt;
@@ -453,7 +453,6 @@ async fn stack_hooks_see_retries_and_dead_letters() {
 #[test]
 fn outcome_labels_are_stable() {
     assert_eq!(Outcome::Ack(AckReason::Duplicate).label(), "duplicate");
-    let _ = Instant::now();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

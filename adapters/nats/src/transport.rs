@@ -13,9 +13,8 @@ use async_nats::jetstream::{self, Context};
 use futures_util::StreamExt;
 use switchyard_core::transport::BoxFuture;
 use switchyard_core::{
-    Capabilities, DeadLetterInfo, Delivery, DeliveryStream, Envelope, OrderingSupport, QueueSpec,
-    Settlement, Settler, SubscribeOptions, Support, Topology, Transport, TransportError,
-    TransportErrorKind,
+    Capabilities, DeadLetterInfo, Delivery, DeliveryStream, Envelope, OrderingSupport, Settlement,
+    Settler, SubscribeOptions, Support, Topology, Transport, TransportError, TransportErrorKind,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -615,6 +614,3 @@ impl Transport for NatsTransport {
         Box::pin(self.subscribe_to(source, options))
     }
 }
-
-#[allow(dead_code)]
-fn _queue_spec_is_used(_: QueueSpec) {}

@@ -371,21 +371,29 @@ impl BrokerRun {
         }
         Ok(run)
     }
+
+    /// Runs `workload` on a worker of the bench's runtime (not on the
+    /// thread that blocks on it).
+    fn measure<F, Fut>(&self, workload: F) -> Result<Vec<switchyard_bench::rabbit::Rate>, String>
+    where
+        F: FnOnce(String, u64, usize) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<switchyard_bench::rabbit::Rate>, String>>
+            + Send
+            + 'static,
+    {
+        let rt = runtime().map_err(|e| e.to_string())?;
+        let work = workload(self.url.clone(), self.messages, self.size);
+        rt.block_on(async move { tokio::spawn(work).await.map_err(|e| e.to_string())? })
+    }
 }
 
 /// Raw lapin and switchyard against the same RabbitMQ, in one run.
 fn run_rabbit(args: &[String]) -> Result<(), String> {
-    let BrokerRun {
-        messages,
-        size,
-        url,
-    } = BrokerRun::parse(args, "amqp://guest:guest@127.0.0.1:5672/%2f")?;
-    let rt = runtime().map_err(|e| e.to_string())?;
-    let rates = rt.block_on(async move {
-        tokio::spawn(async move { switchyard_bench::rabbit::run(&url, messages, size).await })
-            .await
-            .map_err(|e| e.to_string())?
+    let run = BrokerRun::parse(args, "amqp://guest:guest@127.0.0.1:5672/%2f")?;
+    let rates = run.measure(|url, messages, size| async move {
+        switchyard_bench::rabbit::run(&url, messages, size).await
     })?;
+    let BrokerRun { messages, size, .. } = run;
     println!(
         "RabbitMQ: {messages} messages of {size} bytes, prefetch {}, 2 worker threads",
         switchyard_bench::rabbit::PREFETCH
@@ -414,17 +422,11 @@ fn run_rabbit(args: &[String]) -> Result<(), String> {
 
 /// Raw async-nats and switchyard against the same NATS server, in one run.
 fn run_nats(args: &[String]) -> Result<(), String> {
-    let BrokerRun {
-        messages,
-        size,
-        url,
-    } = BrokerRun::parse(args, "nats://127.0.0.1:4222")?;
-    let rt = runtime().map_err(|e| e.to_string())?;
-    let rates = rt.block_on(async move {
-        tokio::spawn(async move { switchyard_bench::nats::run(&url, messages, size).await })
-            .await
-            .map_err(|e| e.to_string())?
+    let run = BrokerRun::parse(args, "nats://127.0.0.1:4222")?;
+    let rates = run.measure(|url, messages, size| async move {
+        switchyard_bench::nats::run(&url, messages, size).await
     })?;
+    let BrokerRun { messages, size, .. } = run;
     println!(
         "NATS: {messages} messages of {size} bytes, window {}, prefetch {}, 2 worker threads",
         switchyard_bench::nats::WINDOW,

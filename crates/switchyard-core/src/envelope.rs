@@ -42,7 +42,7 @@ impl fmt::Display for MessageId {
         // Ids come from producers: escape control characters so that an id
         // with CR/LF cannot forge log lines.
         for c in self.0.chars() {
-            if c.is_control() {
+            if must_escape(c) {
                 write!(f, "{}", c.escape_default())?;
             } else {
                 f.write_fmt(format_args!("{c}"))?;
@@ -50,6 +50,17 @@ impl fmt::Display for MessageId {
         }
         Ok(())
     }
+}
+
+/// Characters untrusted text must not reach a log line or an error message
+/// as they are: control characters (CR/LF forge lines) and the ones that
+/// reorder or break lines when displayed (bidi controls, line separators).
+pub(crate) fn must_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
 }
 
 impl fmt::Debug for MessageId {
@@ -301,6 +312,8 @@ mod tests {
     fn display_escapes_control_characters() {
         let id = MessageId::from_wire("abc\r\nFAKE LOG LINE");
         assert_eq!(id.to_string(), "abc\\r\\nFAKE LOG LINE");
+        let id = MessageId::from_wire("a\u{202e}b");
+        assert_eq!(id.to_string(), "a\\u{202e}b");
     }
 
     #[test]

@@ -119,9 +119,7 @@ pub(crate) fn quote(s: &str, max: usize) -> String {
             out.push('…');
             break;
         }
-        // Control characters, and the ones that reorder or break lines.
-        let invisible = matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if c.is_control() || invisible || c == '"' || c == '\\' {
+        if crate::envelope::must_escape(c) || c == '"' || c == '\\' {
             let _ = write!(out, "{}", c.escape_default());
         } else {
             out.push(c);
