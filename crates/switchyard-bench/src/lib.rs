@@ -6,6 +6,7 @@
 
 pub mod nats;
 pub mod rabbit;
+pub mod sqs;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -27,6 +27,7 @@ const USAGE: &str = "\
 usage: switchyard-bench memory [options]
        switchyard-bench rabbitmq [--messages N] [--payload BYTES] [--url AMQP_URL]
        switchyard-bench nats [--messages N] [--payload BYTES] [--url NATS_URL]
+       switchyard-bench sqs [--messages N] [--payload BYTES] [--url ENDPOINT] [--idle SECS]
 
 options:
   --messages N         messages per run (default 200000)
@@ -135,6 +136,7 @@ fn main() -> ExitCode {
         Some("memory") => parse_options(&args[1..]).and_then(|o| run_table(&o)),
         Some("rabbitmq") => run_rabbit(&args[1..]),
         Some("nats") => run_nats(&args[1..]),
+        Some("sqs") => run_sqs(&args[1..]),
         // The parent runs each row as `__row <pipeline> <messages> <payload>`.
         Some("__row") => run_child(&args[1..]),
         _ => Err(USAGE.to_owned()),
@@ -442,6 +444,61 @@ fn run_nats(args: &[String]) -> Result<(), String> {
             ours.per_sec,
             ours.per_sec / raw.per_sec
         );
+    }
+    Ok(())
+}
+
+/// Raw aws-sdk-sqs and switchyard against the same SQS endpoint, in one
+/// run, with requests per message and an idle consumer's requests.
+fn run_sqs(args: &[String]) -> Result<(), String> {
+    let mut idle = Duration::from_secs(60);
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--idle" {
+            let v = it.next().ok_or("--idle needs a value")?;
+            idle = Duration::from_secs(parse_number(v)?);
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    let mut run = BrokerRun::parse(&rest, "http://127.0.0.1:4566")?;
+    if !rest.iter().any(|a| a == "--messages") {
+        // The local server scans its whole queue on every receive.
+        run.messages = 500;
+    }
+    let rt = runtime().map_err(|e| e.to_string())?;
+    let (url, messages, size) = (run.url.clone(), run.messages, run.size);
+    let report = rt.block_on(async move {
+        tokio::spawn(async move { switchyard_bench::sqs::run(&url, messages, size, idle).await })
+            .await
+            .map_err(|e| e.to_string())?
+    })?;
+    println!(
+        "SQS: {messages} messages of {size} bytes, switchyard concurrency {}, 2 worker threads",
+        switchyard_bench::sqs::CONCURRENCY
+    );
+    let (raw_pub, raw_con, sy_pub, sy_con) = (
+        &report.rates[0],
+        &report.rates[1],
+        &report.rates[2],
+        &report.rates[3],
+    );
+    for (raw, ours) in [(raw_pub, sy_pub), (raw_con, sy_con)] {
+        println!(
+            "{:<48} {:>8.1} msg/s   {:.3} requests/msg",
+            raw.name, raw.per_sec, raw.requests_per_message
+        );
+        println!(
+            "{:<48} {:>8.1} msg/s   {:.3} requests/msg   {:.2} of raw",
+            ours.name,
+            ours.per_sec,
+            ours.requests_per_message,
+            ours.per_sec / raw.per_sec
+        );
+    }
+    if let Some((requests, over)) = report.idle {
+        println!("idle switchyard consumer: {requests} requests in {over:?}");
     }
     Ok(())
 }

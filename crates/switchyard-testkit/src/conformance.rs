@@ -452,8 +452,14 @@ fn millis(t: SystemTime) -> u128 {
         .as_millis()
 }
 
+/// Message `n` of a volume case. Each has its own partition key: the cases
+/// that are not about ordering must not be held up by a broker that keeps
+/// per-key order (an SQS FIFO queue delivers nothing more of a group while
+/// one of its messages is unsettled).
 fn numbered(kind: &str, n: usize) -> Envelope {
-    Envelope::new(kind, Bytes::from(n.to_string())).with_header("conformance-seq", n.to_string())
+    Envelope::new(kind, Bytes::from(n.to_string()))
+        .with_header("conformance-seq", n.to_string())
+        .with_partition_key(format!("k{n}"))
 }
 
 fn seq_of(d: &Delivery) -> Result<usize, String> {
@@ -725,7 +731,9 @@ async fn ack_removes(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
 
 async fn retry_with_delay(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
     let queue = declare_queue(t, QueueSpec::new(cx.name("q"))).await?;
-    let sent = Envelope::new("conformance.retry", "x");
+    // Different partition keys: only a message of another key may pass one
+    // that waits for its retry (per-key order holds the rest back).
+    let sent = Envelope::new("conformance.retry", "x").with_partition_key("retried");
     publish(t, &queue, sent.clone()).await?;
     let mut stream = subscribe(t, &queue, 4).await?;
     let first = recv(&mut stream, cx.config.receive_timeout, "the first delivery").await?;
@@ -739,7 +747,7 @@ async fn retry_with_delay(cx: &CaseCx, t: &impl Transport) -> CaseOutcome {
         "settling a retry took {settle_took:?}: the delay must be held by the broker, not waited out in the consumer"
     );
     // A message published during the delay is not held up behind it.
-    let other = Envelope::new("conformance.retry-other", "y");
+    let other = Envelope::new("conformance.retry-other", "y").with_partition_key("other");
     publish(t, &queue, other).await?;
     let next = recv(
         &mut stream,

@@ -6,7 +6,7 @@
 //! dead-letter with a reason, bound in-flight work, and drain on shutdown.
 //!
 //! This crate re-exports [`switchyard_core`] and, behind cargo features, the
-//! broker adapters (`memory`, on by default; `rabbitmq`; `nats`), plus
+//! broker adapters (`memory`, on by default; `rabbitmq`; `nats`; `sqs`), plus
 //! `opentelemetry` for OpenTelemetry span parents.
 //!
 //! ```
@@ -59,6 +59,12 @@ pub mod rabbitmq {
 #[cfg(feature = "nats")]
 pub mod nats {
     pub use switchyard_nats::*;
+}
+
+/// The Amazon SQS transport (feature `sqs`).
+#[cfg(feature = "sqs")]
+pub mod sqs {
+    pub use switchyard_sqs::*;
 }
 
 /// The README's code, compiled and run as a doc test.
