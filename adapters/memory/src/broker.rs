@@ -628,6 +628,31 @@ impl fmt::Debug for MemoryTransport {
 }
 
 impl Transport for MemoryTransport {
+    fn dead_letter_of(&self, queue: &str) -> String {
+        self.queue(queue)
+            .and_then(|q| q.dead_letter.get().map(|d| d.name.to_string()))
+            .unwrap_or_else(|| default_dlq(queue))
+    }
+
+    fn queue_stats<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<switchyard_core::QueueStats, TransportError>> {
+        let stats = self
+            .queue(queue)
+            .map(|q| {
+                let state = q.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut stats = switchyard_core::QueueStats::default();
+                stats.depth = Some(state.waiting() as u64);
+                stats.in_flight = Some(state.in_flight.len() as u64);
+                stats
+            })
+            .ok_or_else(|| {
+                TransportError::new(TransportErrorKind::NotFound, format!("no queue {queue:?}"))
+            });
+        Box::pin(std::future::ready(stats))
+    }
+
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::full();
         caps.max_payload = Some(self.broker.config.max_payload);

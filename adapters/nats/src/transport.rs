@@ -583,7 +583,54 @@ impl Drop for NatsSettler {
     }
 }
 
+impl NatsTransport {
+    async fn stats_of(&self, queue: &str) -> Result<switchyard_core::QueueStats, TransportError> {
+        let name = stream_name(queue);
+        let mut stream = self.inner.js.get_stream(&name).await.map_err(|e| {
+            error(
+                TransportErrorKind::NotFound,
+                format!("no stream for queue {queue:?}"),
+                e,
+            )
+        })?;
+        let info = stream.info().await.map_err(|e| {
+            error(
+                TransportErrorKind::Connection,
+                format!("cannot read stream {name:?}"),
+                e,
+            )
+        })?;
+        let state = info.state.clone();
+        let mut stats = switchyard_core::QueueStats::default();
+        stats.depth = Some(state.messages);
+        let first: SystemTime = state.first_timestamp.into();
+        if state.messages > 0 {
+            stats.oldest_age = SystemTime::now().duration_since(first).ok();
+        }
+        if let Ok(mut consumer) = stream.get_consumer::<pull::Config>(CONSUMER).await {
+            if let Ok(c) = consumer.info().await {
+                // Unsettled messages stay in the stream until acked.
+                stats.depth = Some(c.num_pending);
+                stats.in_flight = Some(c.num_ack_pending as u64);
+                stats.consumers = Some(c.num_waiting as u64);
+            }
+        }
+        Ok(stats)
+    }
+}
+
 impl Transport for NatsTransport {
+    fn dead_letter_of(&self, queue: &str) -> String {
+        self.queue_info(queue).0
+    }
+
+    fn queue_stats<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<switchyard_core::QueueStats, TransportError>> {
+        Box::pin(self.stats_of(queue))
+    }
+
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::full();
         caps.dead_letter = Support::Emulated;

@@ -802,7 +802,47 @@ impl Drop for RabbitSettler {
     }
 }
 
+impl RabbitTransport {
+    async fn stats_of(&self, queue: &str) -> Result<switchyard_core::QueueStats, TransportError> {
+        let conn = self.live_conn().await?;
+        let ch = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("cannot open a channel", e))?;
+        // Passive: only looks; a missing queue closes the channel with 404.
+        let declared = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error(&format!("no queue {queue:?}"), e));
+        let _ = ch.close(200, "done".into()).await;
+        let q = declared?;
+        let mut stats = switchyard_core::QueueStats::default();
+        stats.depth = Some(u64::from(q.message_count()));
+        stats.consumers = Some(u64::from(q.consumer_count()));
+        Ok(stats)
+    }
+}
+
 impl Transport for RabbitTransport {
+    fn dead_letter_of(&self, queue: &str) -> String {
+        RabbitTransport::dead_letter_of(self, queue)
+    }
+
+    fn queue_stats<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<switchyard_core::QueueStats, TransportError>> {
+        Box::pin(self.stats_of(queue))
+    }
+
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::full();
         caps.delayed_retry = Support::Emulated;

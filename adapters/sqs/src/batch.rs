@@ -14,7 +14,7 @@ use switchyard_core::{TransportError, TransportErrorKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::transport::{sdk_error, with_timeout, Counters};
+use crate::transport::{receipt_error, with_timeout, Counters};
 
 /// The most entries SQS takes in one batch request.
 pub(crate) const BATCH: usize = 10;
@@ -209,7 +209,7 @@ async fn send_refs(target: &Target, jobs: &[&Job]) -> Vec<Result<(), Failure>> {
                 .send();
             let outcome = with_timeout(target.timeout, request)
                 .await
-                .and_then(|r| r.map_err(|e| sdk_error(e, "deleting messages")))
+                .and_then(|r| r.map_err(|e| receipt_error(e, "deleting messages")))
                 .map(|out| {
                     out.failed()
                         .iter()
@@ -252,7 +252,7 @@ async fn send_refs(target: &Target, jobs: &[&Job]) -> Vec<Result<(), Failure>> {
                 .send();
             let outcome = with_timeout(target.timeout, request)
                 .await
-                .and_then(|r| r.map_err(|e| sdk_error(e, "changing message visibility")))
+                .and_then(|r| r.map_err(|e| receipt_error(e, "changing message visibility")))
                 .map(|out| {
                     out.failed()
                         .iter()
@@ -275,14 +275,15 @@ async fn send_refs(target: &Target, jobs: &[&Job]) -> Vec<Result<(), Failure>> {
         Ok(mut failed) => (0..jobs.len())
             .map(|i| match failed.remove(&i.to_string()) {
                 None => Ok(()),
-                Some((code, message, sender_fault)) => Err(Failure {
+                Some((code, _message, sender_fault)) => Err(Failure {
                     retryable: !sender_fault,
                     error: TransportError::new(
                         entry_kind(&code),
+                        // SQS's message quotes the receipt handle: only the
+                        // code goes into the error.
                         format!(
-                            "SQS refused the {what} of a message from {:?}: {code}{}",
-                            target.queue,
-                            message.map(|m| format!(" ({m})")).unwrap_or_default()
+                            "SQS refused the {what} of a message from {:?}: {code}",
+                            target.queue
                         ),
                     ),
                 }),

@@ -44,7 +44,7 @@ impl Default for SqsConfig {
             receive_timeout_margin: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             visibility_timeout: Duration::from_secs(30),
-            max_message_size: 256 * 1024,
+            max_message_size: 1024 * 1024,
             settle_linger: Duration::from_millis(10),
             redrive_max_receive_count: None,
             fifo: false,
@@ -113,10 +113,11 @@ impl SqsConfig {
         self
     }
 
-    /// The maximum message size of the queues (256 KiB unless raised on the
-    /// queues): the declared payload limit is this less
-    /// [`ATTRIBUTE_ROOM`]. Sends are also checked against each queue's own
-    /// `MaximumMessageSize`.
+    /// The maximum message size of declared queues (1 MiB, SQS's largest,
+    /// by default). The declared payload limit is three quarters of this less
+    /// [`ATTRIBUTE_ROOM`], so that any payload fits once base64-encoded.
+    /// Sends are also checked against each queue's own `MaximumMessageSize`
+    /// (queues declared elsewhere may allow less).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self

@@ -163,6 +163,23 @@ where
     TransportError::new(kind, what.to_owned()).with_source(detail)
 }
 
+/// Like [`sdk_error`] for requests that carry a receipt handle: SQS quotes
+/// the handle in its messages, and handles do not belong in logs, so only
+/// the error code is kept. A receipt SQS no longer accepts means the
+/// message was deleted or its visibility ran out: `StaleDelivery`.
+pub(crate) fn receipt_error<E, R>(e: SdkError<E, R>, what: &str) -> TransportError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: fmt::Debug + Send + Sync + 'static,
+{
+    match e.code().map(str::to_owned) {
+        Some(code) => {
+            TransportError::new(crate::batch::entry_kind(&code), format!("{what}: {code}"))
+        }
+        None => sdk_error(e, what),
+    }
+}
+
 /// Runs a request with a timeout, so that a hung connection cannot stall
 /// the caller.
 pub(crate) async fn with_timeout<T>(
@@ -402,11 +419,16 @@ impl SqsTransport {
         Ok(info)
     }
 
+    /// The largest payload every message can carry: binary payloads are
+    /// base64-encoded (four bytes for three), and the attributes get
+    /// [`ATTRIBUTE_ROOM`].
     fn max_payload(&self) -> usize {
         self.inner
             .config
             .max_message_size
             .saturating_sub(ATTRIBUTE_ROOM)
+            / 4
+            * 3
     }
 
     /// Creates `name` (idempotently) with `attributes`, updating an existing
@@ -453,6 +475,10 @@ impl SqsTransport {
                         .send(),
                 )
                 .await?;
+                if tags.is_empty() {
+                    self.forget(name);
+                    return Ok(url);
+                }
                 self.inner.counters.other();
                 self.call(
                     &format!("cannot tag queue {name:?}"),
@@ -549,16 +575,7 @@ impl SqsTransport {
         envelope: &Envelope,
         size: usize,
     ) -> Result<(), TransportError> {
-        let max = self.max_payload();
-        if envelope.payload.len() > max {
-            return Err(TransportError::new(
-                TransportErrorKind::TooLarge,
-                format!(
-                    "payload of {} bytes is over the {max}-byte limit of this SQS transport (maximum message size less {ATTRIBUTE_ROOM} bytes for attributes)",
-                    envelope.payload.len()
-                ),
-            ));
-        }
+        self.check_payload(envelope)?;
         if size > queue.max_message_size {
             return Err(TransportError::new(
                 TransportErrorKind::TooLarge,
@@ -571,23 +588,50 @@ impl SqsTransport {
         Ok(())
     }
 
-    /// The FIFO group and deduplication id of `envelope`.
+    fn check_payload(&self, envelope: &Envelope) -> Result<(), TransportError> {
+        let max = self.max_payload();
+        if envelope.payload.len() > max {
+            return Err(TransportError::new(
+                TransportErrorKind::TooLarge,
+                format!(
+                    "payload of {} bytes is over the {max}-byte limit of this SQS transport (three quarters of the maximum message size less {ATTRIBUTE_ROOM} bytes for attributes, so that base64 fits)",
+                    envelope.payload.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The FIFO group and deduplication id of `envelope`. With a
+    /// `dedup_suffix` (a dead-lettering or a replay, whose id is the
+    /// original's) the deduplication id is the id plus the suffix, or a hash
+    /// of the id plus the suffix where that would not be a valid one, and an
+    /// invalid partition key falls back to the default group: such a copy
+    /// must never be refused or taken for a duplicate.
     fn fifo_ids(
         &self,
         envelope: &Envelope,
         dedup_suffix: Option<&str>,
     ) -> Result<(String, String), TransportError> {
-        let group = envelope
-            .partition_key
-            .clone()
-            .unwrap_or_else(|| self.inner.config.default_group.clone());
-        wire::fifo_id("message group id (partition key)", &group)?;
-        let mut dedup = envelope.id.as_str().to_owned();
-        if let Some(suffix) = dedup_suffix {
-            dedup.push_str(suffix);
-            dedup.truncate(128);
+        let default_group = || self.inner.config.default_group.clone();
+        let mut group = envelope.partition_key.clone().unwrap_or_else(default_group);
+        let Some(suffix) = dedup_suffix else {
+            wire::fifo_id("message group id (partition key)", &group)?;
+            let dedup = envelope.id.as_str().to_owned();
+            wire::fifo_id("deduplication id (message id)", &dedup)?;
+            return Ok((group, dedup));
+        };
+        if wire::fifo_id("group", &group).is_err() {
+            group = default_group();
         }
-        wire::fifo_id("deduplication id (message id)", &dedup)?;
+        let mut dedup = format!("{}{suffix}", envelope.id.as_str());
+        if wire::fifo_id("dedup", &dedup).is_err() {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            envelope.id.as_str().hash(&mut h);
+            dedup = format!("h{:016x}{suffix}", h.finish());
+        }
+        wire::fifo_id("deduplication id", &dedup)?;
         Ok((group, dedup))
     }
 
@@ -600,6 +644,7 @@ impl SqsTransport {
         envelope: &Envelope,
         dedup_suffix: Option<&str>,
     ) -> Result<(), TransportError> {
+        self.check_payload(envelope)?;
         let queue = self.queue(destination).await?;
         let encoded = wire::encode(envelope);
         self.check_size(&queue, envelope, encoded.size)?;
@@ -713,8 +758,26 @@ impl SqsTransport {
                     Ok(out) => {
                         let errors: HashMap<&str, _> =
                             out.failed().iter().map(|f| (f.id(), f)).collect();
+                        let accepted: std::collections::HashSet<&str> =
+                            out.successful().iter().map(|s| s.id()).collect();
                         for item in chunk {
-                            let Some(f) = errors.get(item.0.to_string().as_str()) else {
+                            let id = item.0.to_string();
+                            if accepted.contains(id.as_str()) {
+                                continue;
+                            }
+                            let Some(f) = errors.get(id.as_str()) else {
+                                // Neither accepted nor failed: not known to
+                                // be sent.
+                                failed.push((
+                                    item.0,
+                                    TransportError::new(
+                                        TransportErrorKind::Other,
+                                        format!(
+                                            "SQS did not report message {} for {:?} as sent",
+                                            item.0, queue.name
+                                        ),
+                                    ),
+                                ));
                                 continue;
                             };
                             if !f.sender_fault() && round < 4 {
@@ -765,12 +828,14 @@ impl SqsTransport {
         if let (Some(limit), Some(attempts)) =
             (queue.redrive_max_receive_count, options.max_attempts)
         {
-            if limit <= attempts {
+            // Releases count as receives: the runtime dead-letters a message
+            // without running it only past twice its budget.
+            if limit < attempts.saturating_mul(2) {
                 tracing::warn!(
                     queue = %queue.name,
                     max_receive_count = limit,
                     max_attempts = attempts,
-                    "the queue's redrive policy moves messages to the dead-letter queue after {limit} receives, before the consumer's {attempts} attempts are used; they would arrive there without the reason; raise maxReceiveCount well above max_attempts"
+                    "the queue's redrive policy moves messages to the dead-letter queue after {limit} receives; with {attempts} attempts (and releases at shutdown counting as receives) SQS may move them first, without the reason; set maxReceiveCount to at least twice max_attempts"
                 );
             }
         }
@@ -901,56 +966,90 @@ impl Pull {
             .message_attribute_names("All")
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .send();
-        let out = with_timeout(wait + config.receive_timeout_margin, request)
-            .await
-            .and_then(|r| {
-                r.map_err(|e| sdk_error(e, &format!("receiving from {:?} failed", self.queue.name)))
+        let limit = wait + config.receive_timeout_margin;
+        let (transport, source, queue, batcher) = (
+            self.transport.clone(),
+            Arc::clone(&self.source),
+            Arc::clone(&self.queue),
+            self.batcher.clone(),
+        );
+        // In a task of its own: if the subscription is dropped while the long
+        // poll is on the wire, what SQS hands out still becomes deliveries,
+        // and dropping those makes the messages visible again at once rather
+        // than after their visibility timeout.
+        let task = tokio::spawn(async move {
+            let out = with_timeout(limit, request).await.and_then(|r| {
+                r.map_err(|e| sdk_error(e, &format!("receiving from {:?} failed", queue.name)))
             });
-        let out = match out {
-            Ok(out) => out,
-            Err(e) => {
-                self.transport.inner.counters.receive(0);
-                if e.kind() == TransportErrorKind::NotFound {
-                    self.transport.forget(&self.queue.name);
+            let out = match out {
+                Ok(out) => out,
+                Err(e) => {
+                    transport.inner.counters.receive(0);
+                    if e.kind() == TransportErrorKind::NotFound {
+                        transport.forget(&queue.name);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
+            };
+            let received = Instant::now();
+            let messages = out.messages();
+            transport.inner.counters.receive(messages.len());
+            let mut deliveries = Vec::with_capacity(messages.len());
+            for message in messages {
+                let Some(receipt) = message.receipt_handle() else {
+                    continue;
+                };
+                let Some(slot) = permit.split(1) else {
+                    // More than asked for (a non-conforming server): give
+                    // the extra back.
+                    tracing::warn!(queue = %queue.name, "SQS returned more messages than asked for; releasing the extra");
+                    batcher.detach(receipt.to_owned(), Op::Visibility(0));
+                    continue;
+                };
+                let attempt = message
+                    .attributes()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .unwrap_or(1)
+                    .max(1);
+                let envelope = Arc::new(wire::decode(
+                    message.body().unwrap_or_default(),
+                    message.message_attributes(),
+                ));
+                let settler = SqsSettler {
+                    transport: transport.clone(),
+                    source: Arc::clone(&source),
+                    queue: Arc::clone(&queue),
+                    batcher: batcher.clone(),
+                    receipt: Some(receipt.to_owned()),
+                    envelope: Arc::clone(&envelope),
+                    received,
+                    deadline: received + queue.visibility,
+                    _permit: slot,
+                };
+                deliveries.push(
+                    Delivery::new(envelope, attempt, Box::new(settler)).with_received_at(received),
+                );
             }
-        };
-        let received = Instant::now();
-        let messages = out.messages();
-        self.transport.inner.counters.receive(messages.len());
-        for message in messages {
-            let Some(receipt) = message.receipt_handle() else {
-                continue;
-            };
-            let slot = permit.split(1).expect("one slot per requested message");
-            let attempt = message
-                .attributes()
-                .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-                .and_then(|n| n.parse::<u32>().ok())
-                .unwrap_or(1)
-                .max(1);
-            let envelope = Arc::new(wire::decode(
-                message.body().unwrap_or_default(),
-                message.message_attributes(),
-            ));
-            let settler = SqsSettler {
-                transport: self.transport.clone(),
-                source: Arc::clone(&self.source),
-                queue: Arc::clone(&self.queue),
-                batcher: self.batcher.clone(),
-                receipt: Some(receipt.to_owned()),
-                envelope: Arc::clone(&envelope),
-                received,
-                deadline: received + self.queue.visibility,
-                _permit: slot,
-            };
-            self.buffer.push_back(
-                Delivery::new(envelope, attempt, Box::new(settler)).with_received_at(received),
-            );
+            Ok(deliveries)
+        });
+        let deliveries = task.await.map_err(|e| {
+            TransportError::new(TransportErrorKind::Other, "the receive task failed").with_source(e)
+        })??;
+        if deliveries.is_empty() && wait < Duration::from_secs(1) {
+            // Without long polling an empty queue would be a busy loop.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        self.buffer.extend(deliveries);
         Ok(())
     }
+}
+
+fn detail_of(envelope: &Envelope) -> &str {
+    envelope
+        .headers
+        .get(switchyard_core::header_names::DEAD_LETTER_DETAIL)
+        .unwrap_or_default()
 }
 
 /// Settles one SQS message through its receipt handle.
@@ -1020,16 +1119,30 @@ impl SqsSettler {
                         .unwrap_or_default()
                         .as_millis()
                 );
-                if let Err(e) = self
+                let mut sent = self
                     .transport
                     .send(&self.queue.dead_letter, &envelope, Some(&suffix))
-                    .await
-                {
-                    self.batcher.detach(receipt, Op::Visibility(0));
+                    .await;
+                if matches!(&sent, Err(e) if e.kind() == TransportErrorKind::TooLarge) {
+                    // The reason metadata pushed it over: keep the reason,
+                    // shorten the detail.
+                    let short: String = detail_of(&envelope).chars().take(200).collect();
+                    envelope
+                        .headers
+                        .insert(switchyard_core::header_names::DEAD_LETTER_DETAIL, short);
+                    sent = self
+                        .transport
+                        .send(&self.queue.dead_letter, &envelope, Some(&suffix))
+                        .await;
+                }
+                if let Err(e) = sent {
+                    // Not given back at once: it comes back when its
+                    // visibility timeout ends, which spaces out the attempts
+                    // while the dead-letter queue cannot take it.
                     return Err(TransportError::new(
                         e.kind(),
                         format!(
-                            "cannot dead-letter to {:?}; the message was given back to {:?}",
+                            "cannot dead-letter to {:?}; {:?} redelivers the message when its visibility timeout ends",
                             self.queue.dead_letter, self.queue.name
                         ),
                     )
@@ -1058,6 +1171,12 @@ impl Settler for SqsSettler {
                     "already settled",
                 ));
             };
+            if Instant::now() >= self.deadline {
+                return Err(TransportError::new(
+                    TransportErrorKind::StaleDelivery,
+                    "the visibility timeout ran out before it was extended; SQS redelivers the message",
+                ));
+            }
             if left.is_zero() {
                 return Err(TransportError::new(
                     TransportErrorKind::StaleDelivery,
@@ -1067,22 +1186,22 @@ impl Settler for SqsSettler {
             let secs = secs_up(lease.min(left));
             self.transport.inner.counters.change_visibility(1);
             let sent = Instant::now();
-            self.transport
-                .call(
-                    &format!(
-                        "cannot extend the visibility of a message from {:?}",
-                        self.queue.name
-                    ),
-                    self.transport
-                        .inner
-                        .client
-                        .change_message_visibility()
-                        .queue_url(&self.queue.url)
-                        .receipt_handle(receipt)
-                        .visibility_timeout(secs)
-                        .send(),
-                )
-                .await?;
+            let what = format!(
+                "cannot extend the visibility of a message from {:?}",
+                self.queue.name
+            );
+            let request = self
+                .transport
+                .inner
+                .client
+                .change_message_visibility()
+                .queue_url(&self.queue.url)
+                .receipt_handle(receipt)
+                .visibility_timeout(secs)
+                .send();
+            with_timeout(self.transport.inner.config.request_timeout, request)
+                .await?
+                .map_err(|e| receipt_error(e, &what))?;
             self.deadline = sent + Duration::from_secs(secs as u64);
             Ok(())
         })
@@ -1097,13 +1216,53 @@ impl Drop for SqsSettler {
     fn drop(&mut self) {
         // Dropped unsettled: make it visible now rather than at the end of
         // its visibility timeout (the receive already counted the attempt).
+        // Past its deadline another consumer may hold it under a newer
+        // receipt: leave it alone.
         if let Some(receipt) = self.receipt.take() {
-            self.batcher.detach(receipt, Op::Visibility(0));
+            if Instant::now() < self.deadline {
+                self.batcher.detach(receipt, Op::Visibility(0));
+            }
         }
     }
 }
 
+impl SqsTransport {
+    async fn stats_of(&self, queue: &str) -> Result<switchyard_core::QueueStats, TransportError> {
+        let info = self.queue(queue).await?;
+        let attributes = self.queue_attributes(&info.url).await?;
+        let number = |key: QueueAttributeName| attributes.get(&key)?.parse::<u64>().ok();
+        let mut stats = switchyard_core::QueueStats::default();
+        stats.depth = match (
+            number(QueueAttributeName::ApproximateNumberOfMessages),
+            number(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+        ) {
+            (Some(a), b) => Some(a + b.unwrap_or(0)),
+            (None, b) => b,
+        };
+        stats.in_flight = number(QueueAttributeName::ApproximateNumberOfMessagesNotVisible);
+        Ok(stats)
+    }
+}
+
 impl Transport for SqsTransport {
+    fn dead_letter_of(&self, queue: &str) -> String {
+        let name = self.queue_name(queue);
+        self.inner
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .map(|q| q.dead_letter.clone())
+            .unwrap_or_else(|| default_dead_letter(&name))
+    }
+
+    fn queue_stats<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<switchyard_core::QueueStats, TransportError>> {
+        Box::pin(self.stats_of(queue))
+    }
+
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::full();
         caps.dead_letter = Support::Emulated;

@@ -357,15 +357,39 @@ async fn an_idle_subscription_long_polls_instead_of_busy_looping() {
 #[tokio::test]
 async fn oversized_messages_and_unknown_queues_get_clear_errors() {
     let t = common::connect(common::config()).await;
-    let q = queue(&t, QueueSpec::new(common::unique("limits"))).await;
     let max = t.capabilities().max_payload.unwrap();
-    // Binary payloads travel base64-encoded: a third larger on the wire.
     let e = t
-        .publish(&q, Envelope::new("t", vec![0xffu8; max]))
+        .publish("anywhere", Envelope::new("t", vec![b'x'; max + 1]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.kind(),
+        TransportErrorKind::TooLarge,
+        "checked before anything is sent: {e}"
+    );
+    // A queue made elsewhere with SQS's old 256 KiB limit: checked against
+    // the queue's own maximum, counting base64 for a binary payload.
+    let q = common::unique("small");
+    t.client()
+        .create_queue()
+        .queue_name(&q)
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::MaximumMessageSize,
+            "262144",
+        )
+        .send()
+        .await
+        .unwrap();
+    t.publish(&q, Envelope::new("t", vec![b'x'; 200_000]))
+        .await
+        .expect("200 kB of text fits in 256 KiB");
+    let e = t
+        .publish(&q, Envelope::new("t", vec![0xffu8; 200_000]))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), TransportErrorKind::TooLarge);
-    assert!(e.to_string().contains("base64"), "{e}");
+    let text = e.to_string();
+    assert!(text.contains("base64") && text.contains("262144"), "{text}");
     let e = t
         .publish("sy-test-no-such-queue", Envelope::new("t", "x"))
         .await

@@ -564,6 +564,21 @@ impl DeadLetterInfo {
     }
 }
 
+/// What a broker reports about one queue; `None` where it does not say.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Messages waiting for a consumer (delayed ones included where the
+    /// broker counts them).
+    pub depth: Option<u64>,
+    /// Messages delivered and not yet settled.
+    pub in_flight: Option<u64>,
+    /// Consumers attached.
+    pub consumers: Option<u64>,
+    /// How long the oldest waiting message has been in the queue.
+    pub oldest_age: Option<Duration>,
+}
+
 /// A message broker, as switchyard sees it.
 ///
 /// Object safe: the runtime holds an `Arc<dyn Transport>`.
@@ -589,6 +604,28 @@ pub trait Transport: Send + Sync + 'static {
         source: &'a str,
         options: SubscribeOptions,
     ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>>;
+
+    /// The dead-letter destination of `queue`: the one it was declared with
+    /// here, else the adapter's default (`<queue>.dlq` unless the adapter
+    /// says otherwise).
+    fn dead_letter_of(&self, queue: &str) -> String {
+        format!("{queue}.dlq")
+    }
+
+    /// Depth, in-flight count, consumers and oldest message age of `queue`,
+    /// as far as the broker exposes them. `NotFound` if it does not exist.
+    fn queue_stats<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<QueueStats, TransportError>> {
+        let _ = queue;
+        Box::pin(async {
+            Err(TransportError::new(
+                TransportErrorKind::Unsupported,
+                "this transport reports no queue statistics",
+            ))
+        })
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Arc<T> {
@@ -611,6 +648,15 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
         options: SubscribeOptions,
     ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
         (**self).subscribe(source, options)
+    }
+    fn dead_letter_of(&self, queue: &str) -> String {
+        (**self).dead_letter_of(queue)
+    }
+    fn queue_stats<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> BoxFuture<'a, Result<QueueStats, TransportError>> {
+        (**self).queue_stats(queue)
     }
 }
 
