@@ -43,6 +43,12 @@
 
 pub use switchyard_core::*;
 
+mod app;
+pub mod config;
+
+pub use app::{run, shutdown_signal, start, start_on, App};
+pub use config::{Config, ConfigError};
+
 /// The in-process memory transport (feature `memory`).
 #[cfg(feature = "memory")]
 pub mod memory {
