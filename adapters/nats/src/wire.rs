@@ -10,6 +10,8 @@ use switchyard_core::{
 
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
 const TYPE: &str = "switchyard-type";
+/// The id, when `Nats-Msg-Id` is not it (replays).
+const ID: &str = "switchyard-id";
 const CORRELATION_ID: &str = "switchyard-correlation-id";
 const CAUSATION_ID: &str = "switchyard-causation-id";
 const PRODUCER: &str = "switchyard-producer";
@@ -47,7 +49,14 @@ pub(crate) fn encode(env: &Envelope) -> Result<HeaderMap, TransportError> {
     for (k, v) in env.headers.iter() {
         put(k, v)?;
     }
-    put(MSG_ID, env.id.as_str())?;
+        match env.headers.get(header_names::REPLAYED_AT) {
+        // A replay keeps its id but must not hit the duplicate window.
+        Some(at) => {
+            put(MSG_ID, &format!("{}:replay:{at}", env.id.as_str()))?;
+            put(ID, env.id.as_str())?;
+        }
+        None => put(MSG_ID, env.id.as_str())?,
+    }
     put(TYPE, &env.kind)?;
     put(
         header_names::SCHEMA_VERSION,
@@ -88,7 +97,8 @@ pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes) -> Envelope {
             }
         }
     }
-    let id = all.remove(MSG_ID).unwrap_or_default();
+        let msg_id = all.remove(MSG_ID);
+    let id = all.remove(ID).or(msg_id).unwrap_or_default();
     let kind = all.remove(TYPE).unwrap_or_default();
     let mut env = Envelope::new(kind, payload).with_id(MessageId::from_wire(id));
     env.correlation_id = all.remove(CORRELATION_ID);
@@ -152,6 +162,16 @@ mod tests {
         let mut expected = env.clone();
         expected.occurred_at = back.occurred_at;
         assert_eq!(back, expected);
+    }
+
+        #[test]
+    fn a_replay_keeps_its_id_under_another_msg_id() {
+        let env = Envelope::new("t", "x").with_header(header_names::REPLAYED_AT, "2026-11-27T04:00:00Z");
+        let h = encode(&env).unwrap();
+        assert_ne!(h.get(MSG_ID).unwrap().as_str(), env.id.as_str());
+        let back = decode(Some(&h), env.payload.clone());
+        assert_eq!(back.id, env.id);
+        assert_eq!(back.headers.get(header_names::REPLAYED_AT), Some("2026-11-27T04:00:00Z"));
     }
 
     #[test]

@@ -1283,12 +1283,23 @@ impl Transport for SqsTransport {
         Box::pin(self.declare_all(topology))
     }
 
-    fn publish<'a>(
+        fn publish<'a>(
         &'a self,
         destination: &'a str,
         envelope: Envelope,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(async move { self.send(destination, &envelope, None).await })
+        Box::pin(async move {
+            // A replay keeps its id: a FIFO queue must not drop it as a
+            // duplicate of the original.
+            let suffix = envelope
+                .headers
+                .get(switchyard_core::header_names::REPLAYED_AT)
+                .map(|at| {
+                    let digits: String = at.chars().filter(char::is_ascii_digit).collect();
+                    format!("-r{digits}")
+                });
+            self.send(destination, &envelope, suffix.as_deref()).await
+        })
     }
 
     fn subscribe<'a>(
