@@ -620,6 +620,19 @@ impl NatsTransport {
 }
 
 impl Transport for NatsTransport {
+    fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move {
+            // Acks and naks are published without waiting: push them out.
+            self.inner.js.client().flush().await.map_err(|e| {
+                error(
+                    TransportErrorKind::Connection,
+                    "cannot flush to NATS".into(),
+                    e,
+                )
+            })
+        })
+    }
+
     fn dead_letter_of(&self, queue: &str) -> String {
         self.queue_info(queue).0
     }

@@ -49,7 +49,7 @@ pub(crate) fn encode(env: &Envelope) -> Result<HeaderMap, TransportError> {
     for (k, v) in env.headers.iter() {
         put(k, v)?;
     }
-        match env.headers.get(header_names::REPLAYED_AT) {
+    match env.headers.get(header_names::REPLAYED_AT) {
         // A replay keeps its id but must not hit the duplicate window.
         Some(at) => {
             put(MSG_ID, &format!("{}:replay:{at}", env.id.as_str()))?;
@@ -97,7 +97,7 @@ pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes) -> Envelope {
             }
         }
     }
-        let msg_id = all.remove(MSG_ID);
+    let msg_id = all.remove(MSG_ID);
     let id = all.remove(ID).or(msg_id).unwrap_or_default();
     let kind = all.remove(TYPE).unwrap_or_default();
     let mut env = Envelope::new(kind, payload).with_id(MessageId::from_wire(id));
@@ -164,14 +164,18 @@ mod tests {
         assert_eq!(back, expected);
     }
 
-        #[test]
+    #[test]
     fn a_replay_keeps_its_id_under_another_msg_id() {
-        let env = Envelope::new("t", "x").with_header(header_names::REPLAYED_AT, "2026-11-27T04:00:00Z");
+        let env =
+            Envelope::new("t", "x").with_header(header_names::REPLAYED_AT, "2026-11-27T04:00:00Z");
         let h = encode(&env).unwrap();
         assert_ne!(h.get(MSG_ID).unwrap().as_str(), env.id.as_str());
         let back = decode(Some(&h), env.payload.clone());
         assert_eq!(back.id, env.id);
-        assert_eq!(back.headers.get(header_names::REPLAYED_AT), Some("2026-11-27T04:00:00Z"));
+        assert_eq!(
+            back.headers.get(header_names::REPLAYED_AT),
+            Some("2026-11-27T04:00:00Z")
+        );
     }
 
     #[test]

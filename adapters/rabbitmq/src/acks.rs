@@ -36,6 +36,8 @@ enum Command {
         requeue: bool,
         done: Option<oneshot::Sender<Result<(), lapin::Error>>>,
     },
+    /// Send the acknowledged run now, and say when it is sent.
+    Flush(oneshot::Sender<()>),
 }
 
 /// The sending side, one per consumer channel; cheap to clone.
@@ -51,6 +53,11 @@ impl Acks {
         let batch = BATCH.min((prefetch / 2).max(1));
         tokio::spawn(worker(channel, rx, batch));
         Acks { tx }
+    }
+
+    /// A handle that does not keep the worker alive.
+    pub(crate) fn downgrade(&self) -> WeakAcks {
+        WeakAcks(self.tx.downgrade())
     }
 
     /// Records a delivery handed out; `false` if the worker is gone.
@@ -83,6 +90,24 @@ impl Acks {
             requeue,
             done: None,
         });
+    }
+}
+
+/// A weak handle to a channel's ack worker, for [`flush`](WeakAcks::flush).
+pub(crate) struct WeakAcks(mpsc::WeakUnboundedSender<Command>);
+
+impl WeakAcks {
+    /// Sends the acks queued so far; `false` once the worker is gone.
+    pub(crate) async fn flush(&self) -> bool {
+        let Some(tx) = self.0.upgrade() else {
+            return false;
+        };
+        let (done, sent) = oneshot::channel();
+        if tx.send(Command::Flush(done)).is_err() {
+            return false;
+        }
+        drop(tx);
+        sent.await.is_ok()
     }
 }
 
@@ -151,6 +176,11 @@ async fn worker(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>, batc
                     flush(&channel, &mut tags).await;
                     pending = false;
                 }
+            }
+            Command::Flush(done) => {
+                flush(&channel, &mut tags).await;
+                pending = false;
+                let _ = done.send(());
             }
             Command::Nack { tag, requeue, done } => {
                 flush(&channel, &mut tags).await;

@@ -49,6 +49,8 @@ struct Inner {
     declared: Mutex<Vec<Topology>>,
     topics: Mutex<HashSet<String>>,
     dead_letters: Mutex<HashMap<String, String>>,
+    /// The ack workers of the subscriptions, for `flush`.
+    ack_workers: Mutex<Vec<crate::acks::WeakAcks>>,
 }
 
 /// One connection and its publisher channels.
@@ -146,6 +148,7 @@ impl RabbitTransport {
                 declared: Mutex::default(),
                 topics: Mutex::default(),
                 dead_letters: Mutex::default(),
+                ack_workers: Mutex::default(),
             }),
         })
     }
@@ -576,7 +579,36 @@ impl RabbitTransport {
             )
             .await
             .map_err(|e| amqp_error(&format!("cannot consume from {source:?}"), e))?;
-        Ok((consumer, Acks::spawn(ch, usize::from(prefetch))))
+        let acks = Acks::spawn(ch, usize::from(prefetch));
+        let mut workers = self
+            .inner
+            .ack_workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        workers.push(acks.downgrade());
+        Ok((consumer, acks))
+    }
+
+    async fn flush_acks(&self) -> Result<(), TransportError> {
+        let workers: Vec<_> = std::mem::take(
+            &mut *self
+                .inner
+                .ack_workers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let mut alive = Vec::with_capacity(workers.len());
+        for w in workers {
+            if w.flush().await {
+                alive.push(w);
+            }
+        }
+        self.inner
+            .ack_workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(alive);
+        Ok(())
     }
 
     fn delivery(&self, source: &Arc<str>, acks: &Acks, d: lapin::message::Delivery) -> Delivery {
@@ -832,6 +864,10 @@ impl RabbitTransport {
 }
 
 impl Transport for RabbitTransport {
+    fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(self.flush_acks())
+    }
+
     fn dead_letter_of(&self, queue: &str) -> String {
         RabbitTransport::dead_letter_of(self, queue)
     }

@@ -1283,7 +1283,7 @@ impl Transport for SqsTransport {
         Box::pin(self.declare_all(topology))
     }
 
-        fn publish<'a>(
+    fn publish<'a>(
         &'a self,
         destination: &'a str,
         envelope: Envelope,

@@ -19,10 +19,19 @@ use switchyard::{
 };
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "Operate switchyard's queues: topology, publishing, dead letters, stats")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Operate switchyard's queues: topology, publishing, dead letters, stats"
+)]
 struct Cli {
     /// The configuration file the consumers use.
-    #[arg(long, global = true, env = "SWITCHYARD_CONFIG", default_value = "switchyard.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_CONFIG",
+        default_value = "switchyard.toml"
+    )]
     config: PathBuf,
     /// Machine-readable JSON instead of a table.
     #[arg(long, global = true)]
@@ -91,8 +100,9 @@ struct Browse {
     /// Only this consumer's dead-letter queue (default: every consumer's).
     #[arg(long)]
     consumer: Option<String>,
-    /// The most messages to look at per queue.
-    #[arg(long, default_value_t = 1000)]
+    /// The most messages to look at per queue (they are held unsettled
+    /// while the command runs, so this is also the subscription's prefetch).
+    #[arg(long, default_value_t = 100)]
     limit: usize,
     /// How long to wait for more messages once none arrive.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -249,18 +259,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         transport,
         json: cli.json,
     };
-    match cli.command {
+    let result = match cli.command {
         Command::Topology { action } => topology(&cx, action).await,
         Command::Publish(args) => publish(&cx, args).await,
         Command::Stats => stats(&cx).await,
         Command::Dlq { action } => dlq(&cx, action).await,
-    }
+    };
+    // Settlements may be coalesced for the wire: send them before exiting,
+    // or the broker would redeliver what was acknowledged or released.
+    cx.transport.flush().await?;
+    result
 }
 
 /// Prints rows as a compact table (or JSON).
 fn print_table(cx: &Cx, headers: &[&str], rows: &[Vec<String>], json_value: Value) {
     if cx.json {
-        println!("{}", serde_json::to_string_pretty(&json_value).expect("json"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json_value).expect("json")
+        );
         return;
     }
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -326,16 +343,31 @@ async fn topology(cx: &Cx, action: TopologyAction) -> Result<(), Failure> {
                 Err(e) if e.kind() == switchyard::TransportErrorKind::Unsupported => "unknown",
                 Err(e) => return Err(e.into()),
             };
-            rows.push(vec![name.clone(), role.to_owned(), queue.clone(), state.to_owned()]);
+            rows.push(vec![
+                name.clone(),
+                role.to_owned(),
+                queue.clone(),
+                state.to_owned(),
+            ]);
             items.push(json!({"consumer": name, "role": role, "queue": queue, "state": state}));
         }
     }
     for (topic, t) in &cx.config.topics {
         let subs = t.subscriptions.join(",");
-        rows.push(vec!["-".into(), "topic".into(), topic.clone(), format!("-> {subs}")]);
+        rows.push(vec![
+            "-".into(),
+            "topic".into(),
+            topic.clone(),
+            format!("-> {subs}"),
+        ]);
         items.push(json!({"topic": topic, "subscriptions": t.subscriptions}));
     }
-    print_table(cx, &["consumer", "role", "queue", "state"], &rows, json!(items));
+    print_table(
+        cx,
+        &["consumer", "role", "queue", "state"],
+        &rows,
+        json!(items),
+    );
     Ok(())
 }
 
@@ -400,9 +432,15 @@ async fn publish(cx: &Cx, args: PublishArgs) -> Result<(), Failure> {
     }
     bar.finish_and_clear();
     if cx.json {
-        println!("{}", json!({"published": args.count, "destination": args.destination, "ids": ids}));
+        println!(
+            "{}",
+            json!({"published": args.count, "destination": args.destination, "ids": ids})
+        );
     } else {
-        println!("published {} message(s) to {}", args.count, args.destination);
+        println!(
+            "published {} message(s) to {}",
+            args.count, args.destination
+        );
         if args.count == 1 {
             println!("id {}", ids[0]);
         }
@@ -441,7 +479,15 @@ async fn stats(cx: &Cx) -> Result<(), Failure> {
     }
     print_table(
         cx,
-        &["consumer", "source", "depth", "in-flight", "consumers", "oldest", "dead-letters"],
+        &[
+            "consumer",
+            "source",
+            "depth",
+            "in-flight",
+            "consumers",
+            "oldest",
+            "dead-letters",
+        ],
         &rows,
         json!(items),
     );
@@ -450,30 +496,43 @@ async fn stats(cx: &Cx) -> Result<(), Failure> {
 
 /// Takes up to `limit` messages from `queue` and holds them unsettled, so
 /// that each is seen once; the caller settles or releases every one.
-async fn browse(cx: &Cx, queue: &str, b: &Browse) -> Result<Vec<Delivery>, Failure> {
+async fn browse(
+    cx: &Cx,
+    queue: &str,
+    b: &Browse,
+    keep: &mut Vec<switchyard::DeliveryStream>,
+) -> Result<Vec<Delivery>, Failure> {
     let mut stream = cx
         .transport
         .subscribe(queue, SubscribeOptions::default().prefetch(b.limit.max(1)))
         .await?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
+    let mut copies = Vec::new();
     while out.len() < b.limit {
         match tokio::time::timeout(b.wait, stream.next()).await {
             Ok(Some(Ok(d))) => {
                 if seen.insert(d.envelope().id.clone()) {
                     out.push(d);
                 } else {
-                    // A second copy (at-least-once brokers): give it back.
-                    let _ = d.settle(Settlement::Release).await;
+                    // A second copy (at-least-once brokers): held too, and
+                    // given back at the end; released now it would come
+                    // straight back and the browse would never go quiet.
+                    copies.push(d);
                 }
             }
             Ok(Some(Err(e))) => {
                 release_all(out).await;
+                release_all(copies).await;
                 return Err(e.into());
             }
             Ok(None) | Err(_) => break,
         }
     }
+    release_all(copies).await;
+    // The subscription stays open until the deliveries are settled and
+    // flushed (some brokers settle through the subscription's channel).
+    keep.push(stream);
     Ok(out)
 }
 
@@ -517,15 +576,38 @@ fn summary(d: &Delivery, consumer: &str) -> (Vec<String>, Value) {
     (row, value)
 }
 
-const LIST_HEADERS: [&str; 7] = ["id", "type", "reason", "attempts", "published", "dead-lettered", "source"];
+const LIST_HEADERS: [&str; 7] = [
+    "id",
+    "type",
+    "reason",
+    "attempts",
+    "published",
+    "dead-lettered",
+    "source",
+];
 
 async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
+    let mut keep = Vec::new();
+    let result = dlq_action(cx, action, &mut keep).await;
+    cx.transport.flush().await?;
+    drop(keep);
+    result
+}
+
+async fn dlq_action(
+    cx: &Cx,
+    action: DlqAction,
+    keep: &mut Vec<switchyard::DeliveryStream>,
+) -> Result<(), Failure> {
     match action {
-        DlqAction::List { browse: b, group_by } => {
+        DlqAction::List {
+            browse: b,
+            group_by,
+        } => {
             let mut rows = Vec::new();
             let mut items = Vec::new();
             for (name, _, dlq) in queues(cx, b.consumer.as_deref()).await? {
-                let held = browse(cx, &dlq, &b).await?;
+                let held = browse(cx, &dlq, &b, keep).await?;
                 for d in &held {
                     let (row, value) = summary(d, &name);
                     rows.push(row);
@@ -546,13 +628,20 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
                 }
                 let grows: Vec<Vec<String>> = groups
                     .iter()
-                    .map(|(r, (n, first, last))| vec![r.clone(), n.to_string(), first.clone(), last.clone()])
+                    .map(|(r, (n, first, last))| {
+                        vec![r.clone(), n.to_string(), first.clone(), last.clone()]
+                    })
                     .collect();
                 let gjson: Vec<Value> = groups
                     .iter()
                     .map(|(r, (n, first, last))| json!({"reason": r, "count": n, "first_dead_lettered": first, "last_dead_lettered": last}))
                     .collect();
-                print_table(cx, &["reason", "count", "first", "last"], &grows, json!(gjson));
+                print_table(
+                    cx,
+                    &["reason", "count", "first", "last"],
+                    &grows,
+                    json!(gjson),
+                );
             } else {
                 print_table(cx, &LIST_HEADERS, &rows, json!(items));
             }
@@ -564,7 +653,7 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
             show_payload,
         } => {
             for (name, _, dlq) in queues(cx, b.consumer.as_deref()).await? {
-                let held = browse(cx, &dlq, &b).await?;
+                let held = browse(cx, &dlq, &b, keep).await?;
                 let found = held.iter().find(|d| d.envelope().id.as_str() == id);
                 if let Some(d) = found {
                     let env = d.envelope();
@@ -598,7 +687,9 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
                 }
                 release_all(held).await;
             }
-            Err(Failure::run(format!("no dead-lettered message with id {id:?}")))
+            Err(Failure::run(format!(
+                "no dead-lettered message with id {id:?}"
+            )))
         }
         DlqAction::Replay {
             id,
@@ -608,13 +699,13 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
             dry_run,
             browse: b,
         } => {
-            if !(rate > 0.0) {
+            if rate.is_nan() || rate <= 0.0 {
                 return Err(Failure::usage("--rate must be above zero"));
             }
             let mut replayed = Vec::new();
             let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             for (name, source, dlq) in queues(cx, b.consumer.as_deref()).await? {
-                let held = browse(cx, &dlq, &b).await?;
+                let held = browse(cx, &dlq, &b, keep).await?;
                 let (chosen, rest): (Vec<Delivery>, Vec<Delivery>) = held
                     .into_iter()
                     .partition(|d| all || id.as_deref() == Some(d.envelope().id.as_str()));
@@ -662,14 +753,20 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
                 bar.finish_and_clear();
             }
             if let (Some(id), true) = (&id, replayed.is_empty()) {
-                return Err(Failure::run(format!("no dead-lettered message with id {id:?}")));
+                return Err(Failure::run(format!(
+                    "no dead-lettered message with id {id:?}"
+                )));
             }
             if cx.json {
                 println!("{}", json!({"dry_run": dry_run, "replayed": replayed}));
             } else {
                 let verb = if dry_run { "would replay" } else { "replayed" };
                 for r in &replayed {
-                    println!("{verb} {} -> {}", r["id"].as_str().unwrap_or(""), r["to"].as_str().unwrap_or(""));
+                    println!(
+                        "{verb} {} -> {}",
+                        r["id"].as_str().unwrap_or(""),
+                        r["to"].as_str().unwrap_or("")
+                    );
                 }
                 println!("{verb} {} message(s)", replayed.len());
             }
@@ -689,7 +786,7 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
             let mut purged = 0usize;
             let mut kept = 0usize;
             for (_, _, dlq) in queues(cx, b.consumer.as_deref()).await? {
-                let held = browse(cx, &dlq, &b).await?;
+                let held = browse(cx, &dlq, &b, keep).await?;
                 for d in held {
                     let old_enough = match older_than {
                         None => true,

@@ -98,7 +98,7 @@ pub mod header_names {
     pub const DEAD_LETTER_ATTEMPTS: &str = "switchyard-dead-letter-attempts";
     /// The source (queue or subscription) the message was dead-lettered from.
     pub const DEAD_LETTER_SOURCE: &str = "switchyard-dead-letter-source";
-        /// When the message was dead-lettered (RFC 3339).
+    /// When the message was dead-lettered (RFC 3339).
     pub const DEAD_LETTER_AT: &str = "switchyard-dead-letter-at";
     /// Set on a message replayed from a dead-letter queue (RFC 3339): it
     /// keeps its id, so brokers that deduplicate on publish (JetStream's

@@ -605,6 +605,16 @@ pub trait Transport: Send + Sync + 'static {
         options: SubscribeOptions,
     ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>>;
 
+    /// Waits until every settlement queued so far (acks coalesced for the
+    /// wire, releases sent without waiting) has been handed to the broker.
+    /// Call it before a short-lived process (a CLI, a job) exits; a
+    /// settlement lost at exit shows up as a redelivery, never as a loss,
+    /// but a process that exits right after acknowledging should not make
+    /// the broker redeliver.
+    fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// The dead-letter destination of `queue`: the one it was declared with
     /// here, else the adapter's default (`<queue>.dlq` unless the adapter
     /// says otherwise).
@@ -651,6 +661,9 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
     }
     fn dead_letter_of(&self, queue: &str) -> String {
         (**self).dead_letter_of(queue)
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        (**self).flush()
     }
     fn queue_stats<'a>(
         &'a self,

@@ -406,9 +406,8 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.origin {
-            Some(origin) => write!(f, "{origin}: ")?,
-            None => {}
+                if let Some(origin) = &self.origin {
+            write!(f, "{origin}: ")?;
         }
         if self.key.is_empty() {
             write!(f, "{}", self.problem)
