@@ -406,7 +406,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                if let Some(origin) = &self.origin {
+        if let Some(origin) = &self.origin {
             write!(f, "{origin}: ")?;
         }
         if self.key.is_empty() {
