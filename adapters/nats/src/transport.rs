@@ -651,6 +651,8 @@ impl Transport for NatsTransport {
         caps.release_counts_attempt = true;
         caps.ordering = OrderingSupport::PerSource;
         caps.max_payload = Some(self.inner.max_payload);
+        // `Nats-Msg-Id` is the message id.
+        caps.deduplicates_publishes = true;
         caps
     }
 

@@ -1272,6 +1272,7 @@ impl Transport for SqsTransport {
         caps.max_payload = Some(self.max_payload());
         if self.inner.config.fifo {
             caps.ordering = OrderingSupport::PerKey;
+            caps.deduplicates_publishes = true;
         } else {
             caps.ordering = OrderingSupport::None;
             caps.duplicates_without_failure = true;

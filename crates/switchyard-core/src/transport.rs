@@ -192,6 +192,10 @@ pub struct Capabilities {
     pub fan_out: bool,
     /// The largest payload the broker accepts, if it has a limit.
     pub max_payload: Option<usize>,
+    /// Whether the broker drops a publish whose message id it saw recently
+    /// (JetStream's duplicate window, SQS FIFO deduplication): a message
+    /// published twice with one id is then delivered once.
+    pub deduplicates_publishes: bool,
 }
 
 impl Capabilities {
@@ -212,6 +216,7 @@ impl Capabilities {
             ordering: OrderingSupport::PerSource,
             fan_out: true,
             max_payload: None,
+            deduplicates_publishes: false,
         }
     }
 }
