@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,6 +23,12 @@ use crate::wire;
 
 /// The durable pull consumer every subscriber of a queue shares.
 const CONSUMER: &str = "switchyard";
+/// How long a pull request waits on the server. A subscription that is
+/// dropped leaves its last request there until it expires (the server does
+/// not notice the subscriber is gone), and it would take messages that are
+/// given back meanwhile; see [`Pull::alive`].
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
 /// Room left for headers under the server's `max_payload`.
 pub(crate) const HEADER_ROOM: usize = 16 * 1024;
 
@@ -365,7 +372,8 @@ impl NatsTransport {
         consumer
             .stream()
             .max_messages_per_batch(prefetch)
-            .heartbeat(Duration::from_secs(5))
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_EXPIRES / 2)
             .messages()
             .await
             .map_err(|e| {
@@ -393,6 +401,7 @@ impl NatsTransport {
             permits: Arc::new(Semaphore::new(prefetch)),
             messages: Some(messages),
             pause: Duration::from_millis(100),
+            alive: Arc::new(AtomicBool::new(true)),
         };
         // Survives a lost server: an interrupted pull is reported once, then
         // re-created (with backoff) until the server answers again.
@@ -445,6 +454,10 @@ impl NatsTransport {
 
 /// The state of one subscription.
 struct Pull {
+    /// False once the subscription is dropped: its deliveries are then given
+    /// back with a delay longer than a pull request lives, so that the
+    /// request it left on the server cannot take them.
+    alive: Arc<AtomicBool>,
     transport: NatsTransport,
     queue: Arc<str>,
     lease: Duration,
@@ -471,13 +484,22 @@ impl Pull {
             deadline: received + self.lease,
             lease: self.lease,
             _permit: permit,
+            subscription: Arc::clone(&self.alive),
         };
         Delivery::new(envelope, attempt, Box::new(settler)).with_received_at(received)
     }
 }
 
+impl Drop for Pull {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Release);
+    }
+}
+
 /// Settles one JetStream message.
 struct NatsSettler {
+    /// Whether the subscription that delivered it is still open.
+    subscription: Arc<AtomicBool>,
     transport: NatsTransport,
     /// `None` once settled.
     acker: Option<Acker>,
@@ -501,6 +523,17 @@ fn ack_error(e: async_nats::Error) -> TransportError {
 }
 
 impl NatsSettler {
+    /// A nak redelivering after `delay`, or, once the subscription is
+    /// dropped, no sooner than its last pull request has expired.
+    fn nak(&self, delay: Duration) -> AckKind {
+        let delay = if self.subscription.load(Ordering::Acquire) {
+            delay
+        } else {
+            delay.max(PULL_EXPIRES + Duration::from_secs(1))
+        };
+        AckKind::Nak((!delay.is_zero()).then_some(delay))
+    }
+
     async fn settle_now(mut self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
         let acker = self.acker.take().expect("settled once");
         // Past its lease the server has handed it out again: acking now
@@ -513,11 +546,11 @@ impl NatsSettler {
                 acker.double_ack().await.map_err(ack_error)
             }
             Settlement::Ack => acker.ack().await.map_err(ack_error),
-            Settlement::Retry { delay } => acker
-                .ack_with(AckKind::Nak((!delay.is_zero()).then_some(delay)))
+            Settlement::Retry { delay } => acker.ack_with(self.nak(delay)).await.map_err(ack_error),
+            Settlement::Release => acker
+                .ack_with(self.nak(Duration::ZERO))
                 .await
                 .map_err(ack_error),
-            Settlement::Release => acker.ack_with(AckKind::Nak(None)).await.map_err(ack_error),
             Settlement::DeadLetter {
                 reason,
                 detail,
@@ -534,7 +567,7 @@ impl NatsSettler {
                 }
                 .write_to(&mut envelope.headers);
                 if let Err(e) = self.transport.publish_to(&dlq, &envelope).await {
-                    let _ = acker.ack_with(AckKind::Nak(None)).await;
+                    let _ = acker.ack_with(self.nak(Duration::ZERO)).await;
                     return Err(e);
                 }
                 acker.ack_with(AckKind::Term).await.map_err(ack_error)
@@ -575,9 +608,10 @@ impl Drop for NatsSettler {
         let Some(acker) = self.acker.take() else {
             return;
         };
+        let nak = self.nak(Duration::ZERO);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = acker.ack_with(AckKind::Nak(None)).await;
+                let _ = acker.ack_with(nak).await;
             });
         }
     }

@@ -44,20 +44,26 @@ enum Command {
 #[derive(Clone)]
 pub(crate) struct Acks {
     tx: mpsc::UnboundedSender<Command>,
+    /// Becomes true when the worker has stopped (after its last flush).
+    stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Acks {
     /// Starts the worker that owns `channel`'s acknowledgements.
     pub(crate) fn spawn(channel: Channel, prefetch: usize) -> Acks {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
         let batch = BATCH.min((prefetch / 2).max(1));
-        tokio::spawn(worker(channel, rx, batch));
-        Acks { tx }
+        tokio::spawn(async move {
+            worker(channel, rx, batch).await;
+            let _ = stopped_tx.send(true);
+        });
+        Acks { tx, stopped }
     }
 
     /// A handle that does not keep the worker alive.
     pub(crate) fn downgrade(&self) -> WeakAcks {
-        WeakAcks(self.tx.downgrade())
+        WeakAcks(self.tx.downgrade(), self.stopped.clone())
     }
 
     /// Records a delivery handed out; `false` if the worker is gone.
@@ -94,12 +100,19 @@ impl Acks {
 }
 
 /// A weak handle to a channel's ack worker, for [`flush`](WeakAcks::flush).
-pub(crate) struct WeakAcks(mpsc::WeakUnboundedSender<Command>);
+pub(crate) struct WeakAcks(
+    mpsc::WeakUnboundedSender<Command>,
+    tokio::sync::watch::Receiver<bool>,
+);
 
 impl WeakAcks {
-    /// Sends the acks queued so far; `false` once the worker is gone.
+    /// Sends the acks queued so far; `false` once the worker is gone. A
+    /// worker whose senders are all gone flushes what is left as it stops:
+    /// that is waited for too.
     pub(crate) async fn flush(&self) -> bool {
         let Some(tx) = self.0.upgrade() else {
+            let mut stopped = self.1.clone();
+            let _ = stopped.wait_for(|s| *s).await;
             return false;
         };
         let (done, sent) = oneshot::channel();

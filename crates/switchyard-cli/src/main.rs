@@ -496,12 +496,7 @@ async fn stats(cx: &Cx) -> Result<(), Failure> {
 
 /// Takes up to `limit` messages from `queue` and holds them unsettled, so
 /// that each is seen once; the caller settles or releases every one.
-async fn browse(
-    cx: &Cx,
-    queue: &str,
-    b: &Browse,
-    keep: &mut Vec<switchyard::DeliveryStream>,
-) -> Result<Vec<Delivery>, Failure> {
+async fn browse(cx: &Cx, queue: &str, b: &Browse) -> Result<Vec<Delivery>, Failure> {
     let mut stream = cx
         .transport
         .subscribe(queue, SubscribeOptions::default().prefetch(b.limit.max(1)))
@@ -530,9 +525,10 @@ async fn browse(
         }
     }
     release_all(copies).await;
-    // The subscription stays open until the deliveries are settled and
-    // flushed (some brokers settle through the subscription's channel).
-    keep.push(stream);
+    // Stop pulling before anything is given back: a subscription still
+    // open would receive what it releases (JetStream redelivers a nak at
+    // once to the open pull request) and take it down with it at exit.
+    drop(stream);
     Ok(out)
 }
 
@@ -587,18 +583,6 @@ const LIST_HEADERS: [&str; 7] = [
 ];
 
 async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
-    let mut keep = Vec::new();
-    let result = dlq_action(cx, action, &mut keep).await;
-    cx.transport.flush().await?;
-    drop(keep);
-    result
-}
-
-async fn dlq_action(
-    cx: &Cx,
-    action: DlqAction,
-    keep: &mut Vec<switchyard::DeliveryStream>,
-) -> Result<(), Failure> {
     match action {
         DlqAction::List {
             browse: b,
@@ -607,7 +591,7 @@ async fn dlq_action(
             let mut rows = Vec::new();
             let mut items = Vec::new();
             for (name, _, dlq) in queues(cx, b.consumer.as_deref()).await? {
-                let held = browse(cx, &dlq, &b, keep).await?;
+                let held = browse(cx, &dlq, &b).await?;
                 for d in &held {
                     let (row, value) = summary(d, &name);
                     rows.push(row);
@@ -653,7 +637,7 @@ async fn dlq_action(
             show_payload,
         } => {
             for (name, _, dlq) in queues(cx, b.consumer.as_deref()).await? {
-                let held = browse(cx, &dlq, &b, keep).await?;
+                let held = browse(cx, &dlq, &b).await?;
                 let found = held.iter().find(|d| d.envelope().id.as_str() == id);
                 if let Some(d) = found {
                     let env = d.envelope();
@@ -705,7 +689,7 @@ async fn dlq_action(
             let mut replayed = Vec::new();
             let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             for (name, source, dlq) in queues(cx, b.consumer.as_deref()).await? {
-                let held = browse(cx, &dlq, &b, keep).await?;
+                let held = browse(cx, &dlq, &b).await?;
                 let (chosen, rest): (Vec<Delivery>, Vec<Delivery>) = held
                     .into_iter()
                     .partition(|d| all || id.as_deref() == Some(d.envelope().id.as_str()));
@@ -786,7 +770,7 @@ async fn dlq_action(
             let mut purged = 0usize;
             let mut kept = 0usize;
             for (_, _, dlq) in queues(cx, b.consumer.as_deref()).await? {
-                let held = browse(cx, &dlq, &b, keep).await?;
+                let held = browse(cx, &dlq, &b).await?;
                 for d in held {
                     let old_enough = match older_than {
                         None => true,

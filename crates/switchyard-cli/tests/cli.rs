@@ -285,6 +285,18 @@ async fn rabbitmq_dead_letter_workflow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_dead_letter_workflow() {
+    // Messages the CLI gives back come back after the pull request it
+    // leaves on the server has expired (2 s): wait a little longer.
+    dead_letter_workflow(
+        "[transport]\nkind = \"jetstream\"\nurl = \"nats://127.0.0.1:4222\"\n",
+        "js",
+        "4s",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqs_dead_letter_workflow() {
     dead_letter_workflow(
         "[transport]\nkind = \"sqs\"\nurl = \"http://127.0.0.1:4566\"\nregion = \"us-east-1\"\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nwait_time = \"1s\"\n",
