@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::{
-    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    BatchResultErrorEntry, ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
 };
 use aws_sdk_sqs::Client;
 use switchyard_core::{TransportError, TransportErrorKind};
@@ -185,6 +185,16 @@ pub(crate) fn entry_kind(code: &str) -> TransportErrorKind {
     }
 }
 
+/// The failed entries of a batch answer, by entry id: the error code and
+/// whether the fault was the sender's. (SQS's message is not kept: it quotes
+/// the receipt handle.)
+fn failures(failed: &[BatchResultErrorEntry]) -> HashMap<String, (String, bool)> {
+    failed
+        .iter()
+        .map(|f| (f.id().to_owned(), (f.code().to_owned(), f.sender_fault())))
+        .collect()
+}
+
 async fn send_refs(target: &Target, jobs: &[&Job]) -> Vec<Result<(), Failure>> {
     let op = jobs[0].op;
     let (what, outcome) = match op {
@@ -210,21 +220,7 @@ async fn send_refs(target: &Target, jobs: &[&Job]) -> Vec<Result<(), Failure>> {
             let outcome = with_timeout(target.timeout, request)
                 .await
                 .and_then(|r| r.map_err(|e| receipt_error(e, "deleting messages")))
-                .map(|out| {
-                    out.failed()
-                        .iter()
-                        .map(|f| {
-                            (
-                                f.id().to_owned(),
-                                (
-                                    f.code().to_owned(),
-                                    f.message().map(str::to_owned),
-                                    f.sender_fault(),
-                                ),
-                            )
-                        })
-                        .collect::<HashMap<_, _>>()
-                });
+                .map(|out| failures(out.failed()));
             ("delete", outcome)
         }
         Op::Visibility(_) => {
@@ -253,21 +249,7 @@ async fn send_refs(target: &Target, jobs: &[&Job]) -> Vec<Result<(), Failure>> {
             let outcome = with_timeout(target.timeout, request)
                 .await
                 .and_then(|r| r.map_err(|e| receipt_error(e, "changing message visibility")))
-                .map(|out| {
-                    out.failed()
-                        .iter()
-                        .map(|f| {
-                            (
-                                f.id().to_owned(),
-                                (
-                                    f.code().to_owned(),
-                                    f.message().map(str::to_owned),
-                                    f.sender_fault(),
-                                ),
-                            )
-                        })
-                        .collect::<HashMap<_, _>>()
-                });
+                .map(|out| failures(out.failed()));
             ("visibility change", outcome)
         }
     };
@@ -275,7 +257,7 @@ async fn send_refs(target: &Target, jobs: &[&Job]) -> Vec<Result<(), Failure>> {
         Ok(mut failed) => (0..jobs.len())
             .map(|i| match failed.remove(&i.to_string()) {
                 None => Ok(()),
-                Some((code, _message, sender_fault)) => Err(Failure {
+                Some((code, sender_fault)) => Err(Failure {
                     retryable: !sender_fault,
                     error: TransportError::new(
                         entry_kind(&code),
