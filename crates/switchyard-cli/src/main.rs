@@ -102,8 +102,8 @@ struct Browse {
     consumer: Option<String>,
     /// The most messages to look at per queue (they are held unsettled
     /// while the command runs, so this is also the subscription's prefetch).
-    #[arg(long, default_value_t = 100)]
-    limit: usize,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    limit: u32,
     /// How long to wait for more messages once none arrive.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     wait: Duration,
@@ -253,7 +253,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         _ => {}
     }
-    let transport = config.transport().await?;
+    // Configuration was checked when loading: failing to connect is a
+    // runtime failure (exit 1), not a usage one.
+    let transport = config
+        .transport()
+        .await
+        .map_err(|e| Failure::run(e.to_string()))?;
     let cx = Cx {
         config,
         transport,
@@ -267,8 +272,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     };
     // Settlements may be coalesced for the wire: send them before exiting,
     // or the broker would redeliver what was acknowledged or released.
-    cx.transport.flush().await?;
-    result
+    let flushed = cx.transport.flush().await;
+    result?;
+    flushed.map_err(Failure::from)
 }
 
 /// Prints rows as a compact table (or JSON).
@@ -311,7 +317,8 @@ async fn queues(cx: &Cx, only: Option<&str>) -> Result<Vec<(String, String, Stri
     }
     let mut out = Vec::new();
     for (name, c) in &cx.config.consumers {
-        if only.is_some_and(|o| o != name) {
+        // Consumers sharing a source share its queues: one row each.
+        if only.is_some_and(|o| o != name) || out.iter().any(|(_, s, _)| *s == c.source) {
             continue;
         }
         // Looking the source up first lets adapters that keep the
@@ -499,12 +506,15 @@ async fn stats(cx: &Cx) -> Result<(), Failure> {
 async fn browse(cx: &Cx, queue: &str, b: &Browse) -> Result<Vec<Delivery>, Failure> {
     let mut stream = cx
         .transport
-        .subscribe(queue, SubscribeOptions::default().prefetch(b.limit.max(1)))
+        .subscribe(
+            queue,
+            SubscribeOptions::default().prefetch(b.limit as usize),
+        )
         .await?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut copies = Vec::new();
-    while out.len() < b.limit {
+    while out.len() < b.limit as usize {
         match tokio::time::timeout(b.wait, stream.next()).await {
             Ok(Some(Ok(d))) => {
                 if seen.insert(d.envelope().id.clone()) {
@@ -517,6 +527,7 @@ async fn browse(cx: &Cx, queue: &str, b: &Browse) -> Result<Vec<Delivery>, Failu
                 }
             }
             Ok(Some(Err(e))) => {
+                drop(stream);
                 release_all(out).await;
                 release_all(copies).await;
                 return Err(e.into());
@@ -524,11 +535,8 @@ async fn browse(cx: &Cx, queue: &str, b: &Browse) -> Result<Vec<Delivery>, Failu
             Ok(None) | Err(_) => break,
         }
     }
-    release_all(copies).await;
-    // Stop pulling before anything is given back: a subscription still
-    // open would receive what it releases (JetStream redelivers a nak at
-    // once to the open pull request) and take it down with it at exit.
     drop(stream);
+    release_all(copies).await;
     Ok(out)
 }
 
@@ -563,7 +571,7 @@ fn summary(d: &Delivery, consumer: &str) -> (Vec<String>, Value) {
         "id": env.id.as_str(),
         "type": env.kind,
         "reason": reason,
-        "detail": info.as_ref().map(|i| i.detail.clone()),
+        "detail": info.as_ref().map(|i| redact(&i.detail)),
         "attempts": info.as_ref().map(|i| i.attempts),
         "published": time(env.occurred_at),
         "dead_lettered": info.as_ref().map(|i| time(i.at)),
@@ -642,7 +650,10 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
                 if let Some(d) = found {
                     let env = d.envelope();
                     let (_, mut value) = summary(d, &name);
-                    let headers: BTreeMap<&str, &str> = env.headers.iter().collect();
+                    // Handler errors and headers can quote URLs with
+                    // credentials: redacted like everything else.
+                    let headers: BTreeMap<&str, String> =
+                        env.headers.iter().map(|(k, v)| (k, redact(v))).collect();
                     value["headers"] = json!(headers);
                     value["correlation_id"] = json!(env.correlation_id);
                     value["causation_id"] = json!(env.causation_id);
@@ -683,11 +694,15 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
             dry_run,
             browse: b,
         } => {
-            if rate.is_nan() || rate <= 0.0 {
-                return Err(Failure::usage("--rate must be above zero"));
+            if !rate.is_finite() || !(0.001..=10_000.0).contains(&rate) {
+                return Err(Failure::usage(
+                    "--rate must be between 0.001 and 10000 messages/s",
+                ));
             }
             let mut replayed = Vec::new();
             let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            // Time spent browsing the next queue does not buy a burst.
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             for (name, source, dlq) in queues(cx, b.consumer.as_deref()).await? {
                 let held = browse(cx, &dlq, &b).await?;
                 let (chosen, rest): (Vec<Delivery>, Vec<Delivery>) = held
@@ -695,7 +710,21 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
                     .partition(|d| all || id.as_deref() == Some(d.envelope().id.as_str()));
                 release_all(rest).await;
                 let bar = progress(cx, chosen.len() as u64, "replaying");
-                for d in chosen {
+                let mut chosen = chosen.into_iter();
+                while let Some(d) = chosen.next() {
+                    // Held too long (a slow --rate): the broker may have given
+                    // it to someone else. Stop; a second run replays the rest.
+                    if d.lease_deadline()
+                        .is_some_and(|t| t <= std::time::Instant::now() + Duration::from_secs(5))
+                    {
+                        let left = 1 + chosen.len();
+                        release_all(std::iter::once(d).chain(chosen).collect()).await;
+                        bar.finish_and_clear();
+                        eprintln!(
+                            "stopped: the lease of the held messages is running out; {left} message(s) of {dlq:?} not replayed (run the command again, or use a higher --rate or a lower --limit)"
+                        );
+                        break;
+                    }
                     let info = DeadLetterInfo::read_from(&d.envelope().headers);
                     let dest = to
                         .clone()
@@ -729,7 +758,15 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
                                 "replaying {id} to {dest:?} failed; it stays in {dlq:?}: {e}"
                             )));
                         }
-                        d.settle(Settlement::Ack).await?;
+                        if let Err(e) = d.settle(Settlement::Ack).await {
+                            bar.finish_and_clear();
+                            return Err(Failure::run(format!(
+                                "{id} was republished to {dest:?} but not removed from {dlq:?} (it may be replayed twice): {e}"
+                            )));
+                        }
+                        // Sent now, not at exit: an interrupted replay must
+                        // not leave replayed messages in the dead-letter queue.
+                        cx.transport.flush().await?;
                     }
                     bar.inc(1);
                     replayed.push(json!({"consumer": name, "id": id, "to": dest}));

@@ -45,14 +45,24 @@ impl App {
         }
     }
 
-    /// Stops every consumer gracefully (each drains its in-flight work) and
+    /// Stops every consumer gracefully (each drains its in-flight work),
+    /// sends the settlements still queued for the wire (coalesced acks), and
     /// reports what each did.
     pub async fn shutdown(self) -> Vec<(String, Result<ShutdownReport, TransportError>)> {
         let stops = self
             .consumers
             .into_iter()
             .map(|(name, h)| async move { (name, h.shutdown().await) });
-        futures_util::future::join_all(stops).await
+        let reports = futures_util::future::join_all(stops).await;
+        if let Err(e) = self.transport.flush().await {
+            tracing::warn!(error = %e, "settlements not sent at shutdown; the broker redelivers those messages");
+        }
+        reports
+    }
+
+    /// Whether any consumer has stopped on its own (its subscription failed).
+    pub fn any_stopped(&self) -> bool {
+        self.consumers.iter().any(|(_, h)| h.is_finished())
     }
 }
 
@@ -116,8 +126,17 @@ pub async fn run(
     router: Router,
 ) -> Result<Vec<(String, Result<ShutdownReport, TransportError>)>, ConfigError> {
     let app = start(config, router).await?;
-    shutdown_signal().await;
-    tracing::info!("shutting down: draining in-flight messages");
+    // Until a signal, or until a consumer stops by itself: a service whose
+    // consumer died must not look healthy while consuming nothing.
+    let consumer_stopped = async {
+        while !app.any_stopped() {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down: draining in-flight messages"),
+        _ = consumer_stopped => tracing::error!("a consumer stopped; shutting the others down"),
+    }
     let reports = app.shutdown().await;
     for (name, report) in &reports {
         match report {

@@ -145,16 +145,51 @@ impl fmt::Debug for Url {
 /// with `***`, so that error messages and logs never carry credentials.
 pub fn redact(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
+    for (n, piece) in text
+        .split_inclusive(|c: char| c.is_whitespace())
+        .enumerate()
+    {
+        let _ = n;
+        out.push_str(&redact_token(piece));
+    }
+    out
+}
+
+/// Redacts one whitespace-free token (with its trailing whitespace).
+fn redact_token(token: &str) -> String {
+    if !token.contains('@') {
+        return token.to_owned();
+    }
+    // Several URLs may share a token (`nats://u:p@a,nats://u:p@b`): each
+    // authority ends at a comma, a quote, or the next scheme.
+    let mut out = String::with_capacity(token.len());
+    let mut rest = token;
+    if !rest.contains("://") {
+        // No scheme (`user:password@host`): everything before the last `@`
+        // of a `name:secret@` form goes.
+        return match rest.rfind('@') {
+            Some(at) if rest[..at].contains(':') => {
+                let start = rest[..at].rfind(['"', '\'', '(', '=']).map_or(0, |i| i + 1);
+                format!("{}***@{}", &rest[..start], &rest[at + 1..])
+            }
+            _ => rest.to_owned(),
+        };
+    }
     while let Some(at) = rest.find("://") {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
         let end = tail
-            .find(|c: char| {
-                c == '/' || c == '?' || c == '#' || c == '"' || c == '\'' || c.is_whitespace()
-            })
+            .find(|c: char| c == ',' || c == '"' || c == '\'' || c.is_whitespace())
             .unwrap_or(tail.len());
+        let end = tail[..end].find("://").map_or(end, |next| {
+            // Back up to the start of the next scheme's name.
+            tail[..next]
+                .rfind(|c: char| !c.is_ascii_alphanumeric() && c != '+' && c != '-' && c != '.')
+                .map_or(0, |i| i + 1)
+        });
         let authority = &tail[..end];
+        // The last `@` ends the user information, even if the password holds
+        // `/`, `?` or `#`.
         match authority.rfind('@') {
             Some(i) => {
                 out.push_str("***@");
@@ -436,7 +471,15 @@ impl ConfigError {
             _ => file.map(|p| p.display().to_string()),
         };
         let key = e.path.join(".");
+        let secret_key = key.ends_with("secret_access_key") || key.ends_with("url");
         let problem = match &e.kind {
+            // A syntax error quotes the offending line, which may hold a
+            // secret: keep only its first line (where, and what).
+            figment::error::Kind::Message(m) => m.lines().next().unwrap_or_default().to_owned(),
+            // The value of a secret is not echoed, whatever its type.
+            figment::error::Kind::InvalidType(_, expected) if secret_key => {
+                format!("invalid type: expected {expected}")
+            }
             figment::error::Kind::UnknownVariant(v, expected)
                 if e.path.last().is_some_and(|k| k == "kind") =>
             {
@@ -525,12 +568,12 @@ impl Config {
                     ),
                 ))
             }
-            (TransportKind::Rabbitmq, Some(u))
+                        (TransportKind::Rabbitmq, Some(u))
                 if !(u.expose().starts_with("amqp://") || u.expose().starts_with("amqps://")) =>
             {
                 return Err(self.error(
                     "transport.url",
-                    format!("{:?} is not an amqp:// URL", u.redacted()),
+                    "is not an amqp:// URL (amqp://user:password@host:5672/vhost)",
                 ))
             }
             (TransportKind::Memory, Some(_)) => {
@@ -606,6 +649,31 @@ impl Config {
             }
             if c.timeout.is_zero() {
                 return Err(self.error(key("timeout"), "must be longer than zero"));
+            }
+            if let Some(d) = &c.dead_letter {
+                if d.trim().is_empty() || *d == c.source {
+                    return Err(self.error(
+                        key("dead_letter"),
+                        "must name a queue other than the consumer's source",
+                    ));
+                }
+            }
+            // Consumers of one source share its queue: they must agree on
+            // how it is declared.
+            if let Some((other, o)) = self
+                .consumers
+                .iter()
+                .find(|(n, o)| *n < name && o.source == c.source)
+            {
+                if o.dead_letter != c.dead_letter || o.lease != c.lease {
+                    return Err(self.error(
+                        key("dead_letter"),
+                        format!(
+                            "consumers {other:?} and {name:?} share the source {:?} but not its dead_letter and lease",
+                            c.source
+                        ),
+                    ));
+                }
             }
             if c.backoff.initial > c.backoff.max {
                 return Err(self.error(key("backoff.initial"), "is longer than backoff.max"));
@@ -806,6 +874,16 @@ mod tests {
         );
         assert_eq!(redact("http://127.0.0.1:4566"), "http://127.0.0.1:4566");
         assert_eq!(redact("no urls"), "no urls");
+        assert_eq!(
+            redact("nats://u:p1@h1:4222,nats://u:p2@h2:4222"),
+            "nats://***@h1:4222,nats://***@h2:4222"
+        );
+        assert_eq!(redact("amqp://u:pa/ss?#@h/%2f"), "amqp://***@h/%2f");
+        assert_eq!(
+            redact("url \"guest:s3cret@rabbit:5672\""),
+            "url \"***@rabbit:5672\""
+        );
+        assert_eq!(redact("mail me@example.com"), "mail me@example.com");
     }
 
     #[test]

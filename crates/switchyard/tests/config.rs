@@ -191,3 +191,32 @@ fn the_environment_overrides_the_file() {
     std::env::remove_var("SWITCHYARD_CONSUMERS__ENVTEST__CONCURRENCY");
     assert_eq!(c.consumers["envtest"].concurrency, 7);
 }
+
+#[test]
+fn a_dead_letter_queue_must_differ_from_the_source_and_shared_sources_must_agree() {
+    let (e, _) = load_err(
+        "[transport]\nkind = \"memory\"\n[consumers.a]\nsource = \"q\"\ndead_letter = \"q\"\n",
+    );
+    assert!(
+        e.contains("`consumers.a.dead_letter`: must name a queue other than"),
+        "{e}"
+    );
+    let (e, _) = load_err(
+        "[transport]\nkind = \"memory\"\n[consumers.a]\nsource = \"q\"\n[consumers.b]\nsource = \"q\"\ndead_letter = \"elsewhere\"\n",
+    );
+    assert!(e.contains("share the source \"q\""), "{e}");
+}
+
+#[test]
+fn a_syntax_error_does_not_echo_the_line_that_holds_a_secret() {
+    let (e, path) = load_err(
+        "[transport]\nkind = \"sqs\"\naccess_key_id = \"AKID\"\nsecret_access_key = wJalrXUtnFEMI/K7MDENG\n",
+    );
+    assert!(e.starts_with(&path), "{e}");
+    assert!(!e.contains("wJalrXUtnFEMI"), "{e}");
+    let (e, _) = load_err(
+        "[transport]\nkind = \"sqs\"\naccess_key_id = \"AKID\"\nsecret_access_key = 123456789\n",
+    );
+    assert!(e.contains("transport.secret_access_key"), "{e}");
+    assert!(!e.contains("123456789"), "{e}");
+}
