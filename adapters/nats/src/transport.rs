@@ -567,7 +567,9 @@ impl NatsSettler {
                 }
                 .write_to(&mut envelope.headers);
                 if let Err(e) = self.transport.publish_to(&dlq, &envelope).await {
-                    let _ = acker.ack_with(self.nak(Duration::ZERO)).await;
+                    // Back after a pause, not at once: it would fail again
+                    // in a tight loop while the dead-letter stream refuses it.
+                    let _ = acker.ack_with(self.nak(Duration::from_secs(5))).await;
                     return Err(e);
                 }
                 acker.ack_with(AckKind::Term).await.map_err(ack_error)

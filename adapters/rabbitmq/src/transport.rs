@@ -25,7 +25,13 @@ use crate::acks::Acks;
 use crate::config::{QueueKind, RabbitConfig};
 use crate::wire;
 
-const PUBLISH_CHANNELS: usize = 64;
+/// How long a delivery whose dead-lettering failed is held back before it
+/// comes back (and is dead-lettered again).
+const DEAD_LETTER_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Publisher channels per connection; each keeps many publishes
+/// unconfirmed (see [`PubChannel`]).
+const PUBLISH_CHANNELS: usize = 8;
 
 /// How long an ack or nack may take before its channel is presumed dead.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,12 +59,112 @@ struct Inner {
     ack_workers: Mutex<Vec<crate::acks::WeakAcks>>,
 }
 
+/// A publisher channel with many publishes unconfirmed at once.
+///
+/// lapin hands a `basic.return` to whichever confirm of the ack that
+/// follows it resolves first: with `multiple` acks that is not always the
+/// returned message's own. So each publish records the id of any returned
+/// message it is handed, and before deciding its own fate waits until every
+/// publish sent before its confirm arrived has recorded too (those are the
+/// only ones that can hold its return: RabbitMQ sends a return before the
+/// ack that covers it). A publish is unroutable exactly when its own id was
+/// recorded as returned.
+struct PubChannel {
+    channel: Channel,
+    /// Sends one publish at a time, so that sequence numbers follow
+    /// delivery tags.
+    send: tokio::sync::Mutex<()>,
+    state: Mutex<PubState>,
+    recorded: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct PubState {
+    next_seq: u64,
+    /// Every publish below this has recorded its confirm.
+    watermark: u64,
+    /// Recorded above the watermark.
+    done: std::collections::BTreeSet<u64>,
+    /// Ids of returned messages, not yet claimed by their publish.
+    returned: HashMap<String, usize>,
+}
+
+impl PubChannel {
+    fn new(channel: Channel) -> Self {
+        PubChannel {
+            channel,
+            send: tokio::sync::Mutex::new(()),
+            state: Mutex::default(),
+            recorded: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PubState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that publish `seq` has its answer (and the returned message
+    /// it was handed, if any); returns how many publishes were sent so far.
+    fn record(&self, seq: u64, returned: Option<String>) -> u64 {
+        let sent = {
+            let mut guard = self.state();
+            let s = &mut *guard;
+            if let Some(id) = returned {
+                *s.returned.entry(id).or_default() += 1;
+            }
+            s.done.insert(seq);
+            while s.done.remove(&s.watermark) {
+                s.watermark += 1;
+            }
+            s.next_seq
+        };
+        self.recorded.notify_waiters();
+        sent
+    }
+
+    /// Waits until every publish below `sent` has recorded.
+    async fn settled_up_to(&self, sent: u64) {
+        loop {
+            let notified = self.recorded.notified();
+            if self.state().watermark >= sent {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether a message with `id` was returned (claiming the record).
+    fn take_returned(&self, id: &str) -> bool {
+        let mut s = self.state();
+        match s.returned.get_mut(id) {
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    s.returned.remove(id);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The envelope id a returned message carries.
+fn returned_id(m: &lapin::message::BasicReturnMessage) -> Option<String> {
+    if let Some(id) = m.properties.message_id() {
+        return Some(id.as_str().to_owned());
+    }
+    let headers = m.properties.headers().as_ref()?;
+    match headers.inner().get(wire::names::ID)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
 /// One connection and its publisher channels.
 struct Conn {
     connection: Connection,
-    /// Each publisher channel has at most one unconfirmed message, so a
-    /// `basic.return` is always attributed to the publish it belongs to.
-    publishers: Vec<tokio::sync::Mutex<Channel>>,
+    publishers: Vec<PubChannel>,
     generation: u64,
 }
 
@@ -87,7 +193,7 @@ impl Conn {
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(|e| amqp_error("cannot enable publisher confirms", e))?;
-            publishers.push(tokio::sync::Mutex::new(channel));
+            publishers.push(PubChannel::new(channel));
         }
         Ok(Conn {
             connection,
@@ -424,9 +530,18 @@ impl RabbitTransport {
         props: lapin::BasicProperties,
     ) -> Result<(), TransportError> {
         let i = self.inner.next_publisher.fetch_add(1, Ordering::Relaxed) % PUBLISH_CHANNELS;
-        let channel = conn.publishers[i].lock().await;
-        let confirm = async {
-            channel
+        let publisher = &conn.publishers[i];
+        let id = envelope.id.as_str();
+        let timeout = self.inner.config.publish_timeout;
+        let (seq, sent) = {
+            let _turn = publisher.send.lock().await;
+            let seq = {
+                let mut s = publisher.state();
+                s.next_seq += 1;
+                s.next_seq - 1
+            };
+            let sent = publisher
+                .channel
                 .basic_publish(
                     exchange.into(),
                     routing_key.into(),
@@ -437,30 +552,30 @@ impl RabbitTransport {
                     &envelope.payload,
                     props,
                 )
-                .await?
-                .await
+                .await;
+            (seq, sent)
         };
-        let confirmation = tokio::time::timeout(self.inner.config.publish_timeout, confirm)
-            .await
-            .map_err(|_| {
-                TransportError::new(
+        let answer = match sent {
+            Ok(confirm) => match tokio::time::timeout(timeout, confirm).await {
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(e)) => Err(amqp_error("publish failed", e)),
+                Err(_) => Err(TransportError::new(
                     TransportErrorKind::Timeout,
-                    format!(
-                        "no publisher confirm within {:?}",
-                        self.inner.config.publish_timeout
-                    ),
-                )
-            })?
-            .map_err(|e| amqp_error("publish failed", e))?;
+                    format!("no publisher confirm within {timeout:?}"),
+                )),
+            },
+            Err(e) => Err(amqp_error("publish failed", e)),
+        };
+        let handed = match &answer {
+            Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => returned_id(r),
+            _ => None,
+        };
+        // Every path records, or later publishes would wait for this one.
+        let sent_so_far = publisher.record(seq, handed);
+        let confirmation = answer?;
+        let _ = tokio::time::timeout(timeout, publisher.settled_up_to(sent_so_far)).await;
+        let returned = publisher.take_returned(id);
         match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) => Err(TransportError::new(
-                TransportErrorKind::NotFound,
-                format!(
-                    "unroutable: no queue is bound for {:?} on exchange {:?} ({} {})",
-                    routing_key, exchange, returned.reply_code, returned.reply_text
-                ),
-            )),
             Confirmation::Nack(_) => Err(TransportError::new(
                 TransportErrorKind::Rejected,
                 "RabbitMQ refused the message (negative publisher confirm)",
@@ -469,6 +584,13 @@ impl RabbitTransport {
                 TransportErrorKind::Other,
                 "publisher confirms are not enabled on this channel",
             )),
+            Confirmation::Ack(_) if returned => Err(TransportError::new(
+                TransportErrorKind::NotFound,
+                format!(
+                    "unroutable: no queue is bound for {routing_key:?} on exchange {exchange:?} (returned by RabbitMQ)"
+                ),
+            )),
+            Confirmation::Ack(_) => Ok(()),
         }
     }
 
@@ -761,6 +883,22 @@ impl RabbitSettler {
         }
     }
 
+    /// Publishes the delivery (confirmed) to the delay tier of `source` that
+    /// holds it back at least `delay` (or the longest).
+    async fn to_delay_tier(&self, source: &str, delay: Duration) -> Result<(), TransportError> {
+        let tiers = self.transport.tiers(source);
+        let (_, tier) = tiers
+            .iter()
+            .find(|(d, _)| *d >= delay)
+            .or(tiers.last())
+            .ok_or_else(|| {
+                TransportError::new(TransportErrorKind::Config, "no delay tiers configured")
+            })?;
+        self.transport
+            .publish_raw("", tier, &self.envelope, self.attempt)
+            .await
+    }
+
     async fn settle_now(mut self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
         let acks = self.acks.take().expect("settled once");
         let (tag, source) = (self.tag, Arc::clone(&self.source));
@@ -771,21 +909,9 @@ impl RabbitSettler {
                 Self::requeue(&acks, tag, &source).await
             }
             Settlement::Retry { delay } => {
-                let tiers = self.transport.tiers(&source);
-                let (_, tier) = tiers
-                    .iter()
-                    .find(|(d, _)| *d >= delay)
-                    .or(tiers.last())
-                    .ok_or_else(|| {
-                        TransportError::new(TransportErrorKind::Config, "no delay tiers configured")
-                    })?;
                 // Into the tier first (confirmed), then off the source: a
                 // crash in between leaves a duplicate, never a loss.
-                if let Err(e) = self
-                    .transport
-                    .publish_raw("", tier, &self.envelope, self.attempt)
-                    .await
-                {
+                if let Err(e) = self.to_delay_tier(&source, delay).await {
                     let _ = Self::requeue(&acks, tag, &source).await;
                     return Err(e);
                 }
@@ -807,7 +933,18 @@ impl RabbitSettler {
                 }
                 .write_to(&mut envelope.headers);
                 if let Err(e) = self.transport.publish_raw("", &dlq, &envelope, 0).await {
-                    let _ = Self::requeue(&acks, tag, &source).await;
+                    // Held back through a delay tier rather than requeued at
+                    // once: requeued, it would come straight back and fail
+                    // again in a tight loop while the dead-letter queue
+                    // cannot take it.
+                    match self.to_delay_tier(&source, DEAD_LETTER_BACKOFF).await {
+                        Ok(()) => {
+                            let _ = Self::ack(&acks, tag, &source);
+                        }
+                        Err(_) => {
+                            let _ = Self::requeue(&acks, tag, &source).await;
+                        }
+                    }
                     return Err(e);
                 }
                 Self::ack(&acks, tag, &source)

@@ -335,3 +335,113 @@ async fn a_delivery_limit_at_or_below_the_budget_is_refused_at_start_up() {
     assert!(!ok.is_finished());
     ok.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_are_attributed_to_their_own_publish_among_many_in_flight() {
+    // Publishes share channels with many unconfirmed at once, and RabbitMQ
+    // acks them with `multiple`: each unroutable one must fail, and only those.
+    let t = connect().await;
+    let q = queue(&t, "mixed").await;
+    let topic = unique("mixed-topic");
+    t.declare(&Topology::new().topic(TopicSpec::new(&topic)))
+        .await
+        .unwrap();
+    let mut publishes = Vec::new();
+    for i in 0..600 {
+        let to_topic = i % 10 == 3;
+        let dest = if to_topic { topic.clone() } else { q.clone() };
+        let t = t.clone();
+        publishes.push(async move {
+            let env = Envelope::new("t", format!("{i}"));
+            let id = env.id.clone();
+            (to_topic, id, t.publish(&dest, env).await)
+        });
+    }
+    let results = futures_util::future::join_all(publishes).await;
+    let mut routed = std::collections::HashSet::new();
+    for (to_topic, id, r) in results {
+        if to_topic {
+            let e = r.expect_err("unroutable publish reported as stored");
+            assert_eq!(e.kind(), TransportErrorKind::NotFound, "{e}");
+        } else {
+            r.expect("a routable publish failed");
+            routed.insert(id);
+        }
+    }
+    assert_eq!(routed.len(), 540);
+    let mut s = t
+        .subscribe(&q, SubscribeOptions::default().prefetch(600))
+        .await
+        .unwrap();
+    let mut got = 0;
+    while got < 540 {
+        let d = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("every routed message")
+            .unwrap()
+            .unwrap();
+        assert!(routed.contains(&d.envelope().id));
+        d.ack().await.unwrap();
+        got += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_queue_that_is_gone_holds_the_message_back_instead_of_spinning() {
+    let t = connect().await;
+    let q = queue(&t, "no-dlq").await;
+    // Someone deletes the dead-letter queue.
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(
+        format!("{q}.dlq").as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let router = switchyard_core::Router::builder()
+        .route({
+            let calls = Arc::clone(&calls);
+            move |_: Poison, _: Context| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(HandleError::permanent("bad data")) }
+            }
+        })
+        .build();
+    let consumer = Consumer::builder(t.clone(), q.clone())
+        .max_attempts(3)
+        .serve_default(router)
+        .spawn();
+    t.publish(&q, Envelope::new(Poison::TYPE, r#"{"n":1}"#))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let received = consumer.stats().received();
+    assert!(
+        (1..=2).contains(&received),
+        "{received} deliveries in 3 s: dead-lettering that fails must back off"
+    );
+    // The dead-letter queue is back: the message gets there.
+    t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+        .await
+        .unwrap();
+    let mut dead = t
+        .subscribe(&format!("{q}.dlq"), SubscribeOptions::default())
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(30), dead.next())
+        .await
+        .expect("dead-lettered once the queue is back")
+        .unwrap()
+        .unwrap();
+    let info = DeadLetterInfo::read_from(&d.envelope().headers).unwrap();
+    d.ack().await.unwrap();
+    consumer.shutdown().await.unwrap();
+    assert!(matches!(
+        info.reason,
+        DeadLetterReason::Permanent | DeadLetterReason::MaxAttempts
+    ));
+}
