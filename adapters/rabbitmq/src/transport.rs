@@ -31,7 +31,7 @@ const DEAD_LETTER_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Publisher channels per connection; each keeps many publishes
 /// unconfirmed (see [`PubChannel`]).
-const PUBLISH_CHANNELS: usize = 8;
+const PUBLISH_CHANNELS: usize = 16;
 
 /// How long an ack or nack may take before its channel is presumed dead.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
