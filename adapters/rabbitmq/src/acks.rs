@@ -154,6 +154,26 @@ async fn flush(channel: &Channel, tags: &mut BTreeMap<u64, bool>) {
     }
 }
 
+/// Waits until RabbitMQ has processed everything sent on `channel` so far:
+/// acks have no reply, and a process that exits right after sending them
+/// could lose them with its socket. A method with a reply (a passive declare
+/// of a built-in exchange) is answered only after the frames before it.
+async fn barrier(channel: &Channel) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        channel.exchange_declare(
+            "amq.direct".into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        ),
+    )
+    .await;
+}
+
 async fn worker(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>, batch: usize) {
     // Delivery tag -> acknowledged yet.
     let mut tags: BTreeMap<u64, bool> = BTreeMap::new();
@@ -174,6 +194,7 @@ async fn worker(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>, batc
         let Some(command) = next else {
             // Every sender is gone: flush what is left and stop.
             flush(&channel, &mut tags).await;
+            barrier(&channel).await;
             return;
         };
         match command {
@@ -192,6 +213,7 @@ async fn worker(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>, batc
             }
             Command::Flush(done) => {
                 flush(&channel, &mut tags).await;
+                barrier(&channel).await;
                 pending = false;
                 let _ = done.send(());
             }
