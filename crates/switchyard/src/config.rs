@@ -582,7 +582,7 @@ impl Config {
             _ => {}
         }
         // Options of another kind are a mistake worth reporting.
-        let options: [(&str, bool, &[TransportKind]); 17] = {
+        let options: [(&str, bool, &[TransportKind]); 16] = {
             use TransportKind::*;
             [
                 ("max_payload", t.max_payload.is_some(), &[Memory, Rabbitmq]),
@@ -609,7 +609,6 @@ impl Config {
                     t.redrive_max_receive_count.is_some(),
                     &[Sqs],
                 ),
-                ("url", false, &[]),
             ]
         };
         for (name, set, kinds) in options {
@@ -734,20 +733,6 @@ impl Config {
     /// Connects the configured transport.
     pub async fn transport(&self) -> Result<Arc<dyn Transport>, ConfigError> {
         let t = &self.transport;
-        let url = t.url.as_ref().map(Url::expose);
-        let connect_error = |e: switchyard_core::TransportError| {
-            self.error(
-                "transport.url",
-                format!(
-                    "cannot connect to the {} transport at {}: {e}",
-                    t.kind.name(),
-                    t.url
-                        .as_ref()
-                        .map_or_else(|| "the default endpoint".to_owned(), Url::redacted)
-                ),
-            )
-        };
-        let _ = (&connect_error, url);
         match t.kind {
             #[cfg(feature = "memory")]
             TransportKind::Memory => {
@@ -762,7 +747,7 @@ impl Config {
             }
             #[cfg(feature = "rabbitmq")]
             TransportKind::Rabbitmq => {
-                let mut c = switchyard_rabbitmq::RabbitConfig::new(url.unwrap_or_default());
+                let mut c = switchyard_rabbitmq::RabbitConfig::new(self.url());
                 if let Some(tiers) = &t.delay_tiers {
                     c = c.delay_tiers(tiers.iter().copied());
                 }
@@ -777,12 +762,12 @@ impl Config {
                 }
                 let transport = switchyard_rabbitmq::RabbitTransport::connect(c)
                     .await
-                    .map_err(connect_error)?;
+                    .map_err(|e| self.connect_error(e))?;
                 Ok(Arc::new(transport))
             }
             #[cfg(feature = "nats")]
             TransportKind::Jetstream | TransportKind::Nats => {
-                let mut c = switchyard_nats::NatsConfig::new(url.unwrap_or_default());
+                let mut c = switchyard_nats::NatsConfig::new(self.url());
                 if let Some(n) = &t.connection_name {
                     c = c.name(n);
                 }
@@ -795,20 +780,20 @@ impl Config {
                 if t.kind == TransportKind::Nats {
                     let transport = switchyard_nats::NatsCoreTransport::connect(c)
                         .await
-                        .map_err(connect_error)?;
+                        .map_err(|e| self.connect_error(e))?;
                     Ok(Arc::new(transport))
                 } else {
                     let transport = switchyard_nats::NatsTransport::connect(c)
                         .await
-                        .map_err(connect_error)?;
+                        .map_err(|e| self.connect_error(e))?;
                     Ok(Arc::new(transport))
                 }
             }
             #[cfg(feature = "sqs")]
             TransportKind::Sqs => {
                 let mut c = switchyard_sqs::SqsConfig::new();
-                if let Some(u) = url {
-                    c = c.endpoint(u);
+                if let Some(u) = &t.url {
+                    c = c.endpoint(u.expose());
                 }
                 if let Some(r) = &t.region {
                     c = c.region(r);
@@ -836,19 +821,35 @@ impl Config {
                 }
                 let transport = switchyard_sqs::SqsTransport::connect(c)
                     .await
-                    .map_err(connect_error)?;
+                    .map_err(|e| self.connect_error(e))?;
                 Ok(Arc::new(transport))
             }
             #[allow(unreachable_patterns)]
-            other => Err(self.error(
-                "transport.kind",
-                format!(
-                    "transport kind {:?} is not compiled in: enable the cargo feature `{}` of switchyard",
-                    other.name(),
-                    other.feature()
-                ),
-            )),
+            other => Err(self.error("transport.kind", not_compiled(other, &compiled_kinds()))),
         }
+    }
+
+    /// The transport URL with its secrets, for the adapters (`""` if unset;
+    /// `validate` requires one where the kind needs it).
+    #[cfg(any(feature = "rabbitmq", feature = "nats"))]
+    fn url(&self) -> &str {
+        self.transport.url.as_ref().map_or("", Url::expose)
+    }
+
+    /// A failed connection, naming the transport and its redacted URL.
+    #[cfg(any(feature = "rabbitmq", feature = "nats", feature = "sqs"))]
+    fn connect_error(&self, e: switchyard_core::TransportError) -> ConfigError {
+        let t = &self.transport;
+        self.error(
+            "transport.url",
+            format!(
+                "cannot connect to the {} transport at {}: {e}",
+                t.kind.name(),
+                t.url
+                    .as_ref()
+                    .map_or_else(|| "the default endpoint".to_owned(), Url::redacted)
+            ),
+        )
     }
 }
 
