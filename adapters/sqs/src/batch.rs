@@ -132,7 +132,8 @@ fn flush(target: &Arc<Target>, lane: &mut Vec<Job>) {
     let jobs = std::mem::replace(lane, Vec::with_capacity(BATCH));
     let target = Arc::clone(target);
     tokio::spawn(async move {
-        let mut results = send(&target, &jobs).await;
+        let all: Vec<&Job> = jobs.iter().collect();
+        let mut results = send(&target, &all).await;
         // Entries that failed on SQS's side (not ours) get one more try.
         let retry: Vec<usize> = results
             .iter()
@@ -143,7 +144,7 @@ fn flush(target: &Arc<Target>, lane: &mut Vec<Job>) {
         if !retry.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let again: Vec<&Job> = retry.iter().map(|&i| &jobs[i]).collect();
-            let second = send_refs(&target, &again).await;
+            let second = send(&target, &again).await;
             for (i, r) in retry.into_iter().zip(second) {
                 results[i] = r;
             }
@@ -165,11 +166,6 @@ fn flush(target: &Arc<Target>, lane: &mut Vec<Job>) {
 pub(crate) struct Failure {
     pub(crate) error: TransportError,
     pub(crate) retryable: bool,
-}
-
-async fn send(target: &Target, jobs: &[Job]) -> Vec<Result<(), Failure>> {
-    let refs: Vec<&Job> = jobs.iter().collect();
-    send_refs(target, &refs).await
 }
 
 /// The kind of a failed batch entry.
@@ -195,7 +191,7 @@ fn failures(failed: &[BatchResultErrorEntry]) -> HashMap<String, (String, bool)>
         .collect()
 }
 
-async fn send_refs(target: &Target, jobs: &[&Job]) -> Vec<Result<(), Failure>> {
+async fn send(target: &Target, jobs: &[&Job]) -> Vec<Result<(), Failure>> {
     let op = jobs[0].op;
     let (what, outcome) = match op {
         Op::Delete => {
