@@ -2,6 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use switchyard_core::{
@@ -22,116 +23,176 @@ const CONTENT_TYPE: &str = "switchyard-content-type";
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
 
+/// The optional string fields with a header of their own, by name.
+const OPTIONAL: [(&str, HeaderName); 9] = [
+    (CORRELATION_ID, HeaderName::from_static(CORRELATION_ID)),
+    (CAUSATION_ID, HeaderName::from_static(CAUSATION_ID)),
+    (PRODUCER, HeaderName::from_static(PRODUCER)),
+    (PARTITION_KEY, HeaderName::from_static(PARTITION_KEY)),
+    (TENANT, HeaderName::from_static(TENANT)),
+    (REPLY_TO, HeaderName::from_static(REPLY_TO)),
+    (CONTENT_TYPE, HeaderName::from_static(CONTENT_TYPE)),
+    (TRACEPARENT, HeaderName::from_static(TRACEPARENT)),
+    (TRACESTATE, HeaderName::from_static(TRACESTATE)),
+];
+
+fn optional_fields(env: &Envelope) -> [&Option<String>; 9] {
+    [
+        &env.correlation_id,
+        &env.causation_id,
+        &env.producer,
+        &env.partition_key,
+        &env.tenant,
+        &env.reply_to,
+        &env.content_type,
+        &env.trace.traceparent,
+        &env.trace.tracestate,
+    ]
+}
+
 fn rfc3339(t: SystemTime) -> Option<String> {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).ok()?;
     (d < Duration::from_secs(253_402_300_800))
         .then(|| humantime::format_rfc3339_millis(t).to_string())
 }
 
+fn unencodable(name: &str) -> TransportError {
+    TransportError::new(
+        TransportErrorKind::Encode,
+        format!(
+            "header {:?} cannot be carried by NATS (a name must be printable ASCII without ':', a value cannot hold CR or LF)",
+            name.escape_debug().to_string()
+        ),
+    )
+}
+
+/// A value NATS can carry (async-nats panics on the others).
+fn value(name: &str, value: &str) -> Result<String, TransportError> {
+    if value.contains(['\r', '\n']) {
+        return Err(unencodable(name));
+    }
+    Ok(value.to_owned())
+}
+
 /// The NATS headers of `env`. Header values cannot hold CR or LF on the
-/// wire, and names cannot hold `:` or whitespace: such headers are refused
-/// with an `Encode` error rather than corrupting the protocol.
+/// wire, and names must be printable ASCII without `:`: such headers are
+/// refused with an `Encode` error rather than corrupting the protocol.
+/// Schema version 1 (the default) is not written.
 pub(crate) fn encode(env: &Envelope) -> Result<HeaderMap, TransportError> {
     let mut h = HeaderMap::new();
-    let mut put = |name: &str, value: &str| -> Result<(), TransportError> {
-        if value.contains(['\r', '\n'])
-            || name.is_empty()
-            || name.contains([':', ' ', '\t', '\r', '\n'])
-        {
-            return Err(TransportError::new(
-                TransportErrorKind::Encode,
-                format!("header {name:?} cannot be carried by NATS (CR/LF in the value, or an invalid name)"),
-            ));
-        }
-        h.insert(name, value);
-        Ok(())
-    };
     for (k, v) in env.headers.iter() {
-        put(k, v)?;
+        if k.is_empty() || k.contains(|c: char| !c.is_ascii_graphic() || c == ':') {
+            return Err(unencodable(k));
+        }
+        h.insert(k, value(k, v)?);
     }
     match env.headers.get(header_names::REPLAYED_AT) {
         // A replay keeps its id but must not hit the duplicate window.
         Some(at) => {
-            put(MSG_ID, &format!("{}:replay:{at}", env.id.as_str()))?;
-            put(ID, env.id.as_str())?;
+            h.insert(
+                NATS_MESSAGE_ID,
+                value(MSG_ID, &format!("{}:replay:{at}", env.id.as_str()))?,
+            );
+            h.insert(HeaderName::from_static(ID), value(ID, env.id.as_str())?);
         }
-        None => put(MSG_ID, env.id.as_str())?,
+        None => h.insert(NATS_MESSAGE_ID, value(MSG_ID, env.id.as_str())?),
     }
-    put(TYPE, &env.kind)?;
-    put(
-        header_names::SCHEMA_VERSION,
-        &env.schema_version.to_string(),
-    )?;
+    h.insert(HeaderName::from_static(TYPE), value(TYPE, &env.kind)?);
+    if env.schema_version != 1 {
+        h.insert(
+            HeaderName::from_static(header_names::SCHEMA_VERSION),
+            env.schema_version.to_string(),
+        );
+    }
     if let Some(t) = rfc3339(env.occurred_at) {
-        put(header_names::OCCURRED_AT, &t)?;
+        h.insert(HeaderName::from_static(header_names::OCCURRED_AT), t);
     }
     if let Some(t) = env.deadline.and_then(rfc3339) {
-        put(header_names::DEADLINE, &t)?;
+        h.insert(HeaderName::from_static(header_names::DEADLINE), t);
     }
-    for (name, value) in [
-        (CORRELATION_ID, &env.correlation_id),
-        (CAUSATION_ID, &env.causation_id),
-        (PRODUCER, &env.producer),
-        (PARTITION_KEY, &env.partition_key),
-        (TENANT, &env.tenant),
-        (REPLY_TO, &env.reply_to),
-        (CONTENT_TYPE, &env.content_type),
-        (TRACEPARENT, &env.trace.traceparent),
-        (TRACESTATE, &env.trace.tracestate),
-    ] {
-        if let Some(v) = value {
-            put(name, v)?;
+    for ((name, header), field) in OPTIONAL.into_iter().zip(optional_fields(env)) {
+        if let Some(v) = field {
+            h.insert(header, value(name, v)?);
         }
     }
     Ok(h)
 }
 
 /// The envelope of a message; unparsable standard fields stay in the
-/// headers under their names.
+/// headers under their names. A missing schema version is 1; a missing
+/// time is the Unix epoch.
 pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes) -> Envelope {
-    let mut all = Headers::new();
-    if let Some(map) = headers {
-        for (name, values) in map.iter() {
-            if let Some(v) = values.last() {
-                all.insert(AsRef::<str>::as_ref(name), v.as_str());
-            }
-        }
-    }
-    let msg_id = all.remove(MSG_ID);
-    let id = all.remove(ID).or(msg_id).unwrap_or_default();
-    let kind = all.remove(TYPE).unwrap_or_default();
-    let mut env = Envelope::new(kind, payload).with_id(MessageId::from_wire(id));
-    env.correlation_id = all.remove(CORRELATION_ID);
-    env.causation_id = all.remove(CAUSATION_ID);
-    env.producer = all.remove(PRODUCER);
-    env.partition_key = all.remove(PARTITION_KEY);
-    env.tenant = all.remove(TENANT);
-    env.reply_to = all.remove(REPLY_TO);
-    env.content_type = all.remove(CONTENT_TYPE);
-    env.trace.traceparent = all.remove(TRACEPARENT);
-    env.trace.tracestate = all.remove(TRACESTATE);
-    match all.get(header_names::SCHEMA_VERSION).map(str::parse::<u32>) {
-        Some(Ok(v)) => {
-            env.schema_version = v;
-            all.remove(header_names::SCHEMA_VERSION);
-        }
-        Some(Err(_)) => {}
-        None => env.schema_version = 1,
-    }
+    let mut env = Envelope::decoded(MessageId::from_wire(String::new()), String::new(), payload);
+    let Some(map) = headers else {
+        return env;
+    };
+    let mut msg_id = None;
+    let mut id = None;
+    let mut others = Headers::new();
     let parse_time = |s: &str| humantime::parse_rfc3339_weak(s).ok();
-    match all.get(header_names::OCCURRED_AT).map(parse_time) {
-        Some(Some(t)) => {
-            env.occurred_at = t;
-            all.remove(header_names::OCCURRED_AT);
-        }
-        Some(None) => {}
-        None => env.occurred_at = SystemTime::UNIX_EPOCH,
+    for (name, values) in map.iter() {
+        let Some(v) = values.last() else { continue };
+        let (name, v): (&str, &str) = (name.as_ref(), v.as_str());
+        let field = match name {
+            MSG_ID => {
+                msg_id = Some(v);
+                continue;
+            }
+            ID => {
+                id = Some(v);
+                continue;
+            }
+            TYPE => {
+                env.kind = v.to_owned();
+                continue;
+            }
+            CORRELATION_ID => &mut env.correlation_id,
+            CAUSATION_ID => &mut env.causation_id,
+            PRODUCER => &mut env.producer,
+            PARTITION_KEY => &mut env.partition_key,
+            TENANT => &mut env.tenant,
+            REPLY_TO => &mut env.reply_to,
+            CONTENT_TYPE => &mut env.content_type,
+            TRACEPARENT => &mut env.trace.traceparent,
+            TRACESTATE => &mut env.trace.tracestate,
+            header_names::SCHEMA_VERSION => {
+                match v.parse() {
+                    Ok(version) => env.schema_version = version,
+                    Err(_) => {
+                        others.insert(name, v);
+                    }
+                }
+                continue;
+            }
+            header_names::OCCURRED_AT => {
+                match parse_time(v) {
+                    Some(t) => env.occurred_at = t,
+                    None => {
+                        others.insert(name, v);
+                    }
+                }
+                continue;
+            }
+            header_names::DEADLINE => {
+                match parse_time(v) {
+                    Some(t) => env.deadline = Some(t),
+                    None => {
+                        others.insert(name, v);
+                    }
+                }
+                continue;
+            }
+            _ => {
+                others.insert(name, v);
+                continue;
+            }
+        };
+        *field = Some(v.to_owned());
     }
-    if let Some(Some(t)) = all.get(header_names::DEADLINE).map(parse_time) {
-        env.deadline = Some(t);
-        all.remove(header_names::DEADLINE);
+    if let Some(id) = id.or(msg_id) {
+        env.id = MessageId::from_wire(id);
     }
-    env.headers = all;
+    env.headers = others;
     env
 }
 
@@ -182,5 +243,41 @@ mod tests {
     fn header_values_with_newlines_are_refused() {
         let env = Envelope::new("t", "x").with_header("x-evil", "a\r\nNats-Msg-Id: forged");
         assert_eq!(encode(&env).unwrap_err().kind(), TransportErrorKind::Encode);
+    }
+
+    #[test]
+    fn header_names_nats_cannot_carry_are_refused_not_panicked_on() {
+        for name in ["x-caf\u{e9}", "x-a\u{1}b", "x a", "x:a", ""] {
+            let env = Envelope::new("t", "x").with_header(name, "v");
+            assert_eq!(
+                encode(&env).unwrap_err().kind(),
+                TransportErrorKind::Encode,
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn schema_version_one_is_implied_and_others_are_written() {
+        let h = encode(&Envelope::new("t", "x")).unwrap();
+        assert!(h.get(header_names::SCHEMA_VERSION).is_none());
+        assert_eq!(decode(Some(&h), Bytes::new()).schema_version, 1);
+        let h = encode(&Envelope::new("t", "x").with_schema_version(3)).unwrap();
+        assert_eq!(h.get(header_names::SCHEMA_VERSION).unwrap().as_str(), "3");
+        assert_eq!(decode(Some(&h), Bytes::new()).schema_version, 3);
+    }
+
+    #[test]
+    fn unparsable_standard_fields_stay_as_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(NATS_MESSAGE_ID, "m-1");
+        h.insert(header_names::SCHEMA_VERSION, "two");
+        h.insert(header_names::OCCURRED_AT, "yesterday");
+        let env = decode(Some(&h), Bytes::new());
+        assert_eq!(env.id.as_str(), "m-1");
+        assert_eq!(env.schema_version, 1);
+        assert_eq!(env.occurred_at, SystemTime::UNIX_EPOCH);
+        assert_eq!(env.headers.get(header_names::SCHEMA_VERSION), Some("two"));
+        assert_eq!(env.headers.get(header_names::OCCURRED_AT), Some("yesterday"));
     }
 }

@@ -25,8 +25,8 @@ use switchyard_bench::{broker, consume_raw, consume_runtime, payload, publish, r
 
 const USAGE: &str = "\
 usage: switchyard-bench memory [options]
-       switchyard-bench rabbitmq [--messages N] [--payload BYTES] [--url AMQP_URL]
-       switchyard-bench nats [--messages N] [--payload BYTES] [--url NATS_URL]
+       switchyard-bench rabbitmq [--messages N] [--payload BYTES] [--url AMQP_URL] [--runs N]
+       switchyard-bench nats [--messages N] [--payload BYTES] [--url NATS_URL] [--runs N]
        switchyard-bench sqs [--messages N] [--payload BYTES] [--url ENDPOINT] [--idle SECS]
 
 options:
@@ -351,15 +351,19 @@ struct BrokerRun {
     messages: u64,
     size: usize,
     url: String,
+    /// Every workload runs this many times (interleaved); each rate is the
+    /// median.
+    runs: usize,
 }
 
 impl BrokerRun {
-    /// `[--messages N] [--payload BYTES] [--url URL]`.
+    /// `[--messages N] [--payload BYTES] [--url URL] [--runs N]`.
     fn parse(args: &[String], default_url: &str) -> Result<Self, String> {
         let mut run = BrokerRun {
             messages: 20_000,
             size: 256,
             url: default_url.to_owned(),
+            runs: 1,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -368,24 +372,45 @@ impl BrokerRun {
                 "--messages" => run.messages = parse_number(value("--messages")?)?,
                 "--payload" => run.size = parse_number(value("--payload")?)?,
                 "--url" => run.url = value("--url")?.clone(),
+                "--runs" => run.runs = parse_number::<usize>(value("--runs")?)?.max(1),
                 other => return Err(format!("unknown option {other:?}\n{USAGE}")),
             }
         }
         Ok(run)
     }
 
-    /// Runs `workload` on a worker of the bench's runtime (not on the
-    /// thread that blocks on it).
+    /// Runs `workload` `runs` times on a worker of the bench's runtime (not
+    /// on the thread that blocks on it); each rate is the median of its runs.
     fn measure<F, Fut>(&self, workload: F) -> Result<Vec<switchyard_bench::rabbit::Rate>, String>
     where
-        F: FnOnce(String, u64, usize) -> Fut,
+        F: Fn(String, u64, usize) -> Fut,
         Fut: std::future::Future<Output = Result<Vec<switchyard_bench::rabbit::Rate>, String>>
             + Send
             + 'static,
     {
         let rt = runtime().map_err(|e| e.to_string())?;
-        let work = workload(self.url.clone(), self.messages, self.size);
-        rt.block_on(async move { tokio::spawn(work).await.map_err(|e| e.to_string())? })
+        let mut all: Vec<Vec<switchyard_bench::rabbit::Rate>> = Vec::new();
+        for _ in 0..self.runs {
+            let work = workload(self.url.clone(), self.messages, self.size);
+            let rates =
+                rt.block_on(async move { tokio::spawn(work).await.map_err(|e| e.to_string())? })?;
+            if self.runs > 1 {
+                let each: Vec<String> = rates.iter().map(|r| format!("{:.0}", r.per_sec)).collect();
+                eprintln!("run: {}", each.join(" "));
+            }
+            all.push(rates);
+        }
+        let mut rates = all.pop().ok_or("no runs")?;
+        for (i, rate) in rates.iter_mut().enumerate() {
+            let mut each: Vec<f64> = all
+                .iter()
+                .filter_map(|r| r.get(i))
+                .map(|r| r.per_sec)
+                .collect();
+            each.push(rate.per_sec);
+            rate.per_sec = median(each);
+        }
+        Ok(rates)
     }
 }
 
@@ -434,15 +459,19 @@ fn run_nats(args: &[String]) -> Result<(), String> {
         switchyard_bench::nats::WINDOW,
         switchyard_bench::nats::PREFETCH
     );
-    // Raw and switchyard side by side: publish, consume, core pub/sub.
-    for (raw, ours) in [(0, 2), (1, 3), (4, 5)] {
-        let (raw, ours) = (&rates[raw], &rates[ours]);
-        println!("{:<48} {:>10.0} msg/s", raw.name, raw.per_sec);
+    // Each group: raw bare, raw with the same messages, switchyard.
+    for group in rates.chunks(3) {
+        let [bare, same, ours] = group else {
+            return Err("a workload group is incomplete".into());
+        };
+        println!("{:<44} {:>10.0} msg/s", bare.name, bare.per_sec);
+        println!("{:<44} {:>10.0} msg/s", same.name, same.per_sec);
         println!(
-            "{:<48} {:>10.0} msg/s   {:>5.2} of raw",
+            "{:<44} {:>10.0} msg/s   {:>5.2} of raw (same messages), {:>5.2} of raw (bare)",
             ours.name,
             ours.per_sec,
-            ours.per_sec / raw.per_sec
+            ours.per_sec / same.per_sec,
+            ours.per_sec / bare.per_sec
         );
     }
     Ok(())

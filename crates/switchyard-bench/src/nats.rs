@@ -24,11 +24,53 @@ fn unique(name: &str) -> String {
     )
 }
 
+/// What the raw client carries with each message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Raw {
+    /// The payload and nothing else.
+    Bare,
+    /// The same messages switchyard sends: the payload plus what a
+    /// hand-rolled producer needs to match it (a unique id as `Nats-Msg-Id`
+    /// so the server drops duplicates, the type, the time); the consumer
+    /// reads the id and type and decodes the JSON payload.
+    SameMessages,
+}
+
+/// The headers a hand-rolled producer attaches in [`Raw::SameMessages`].
+fn raw_headers() -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        switchyard::MessageId::new().as_str(),
+    );
+    h.insert("switchyard-type", Tick::TYPE);
+    h.insert(
+        "switchyard-occurred-at",
+        humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+    );
+    h
+}
+
+/// What a hand-rolled consumer does with a message in
+/// [`Raw::SameMessages`]: read its id and type, decode its payload.
+fn raw_read(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Result<(), String> {
+    let h = headers.ok_or("no headers")?;
+    let id = h.get(async_nats::header::NATS_MESSAGE_ID).ok_or("no id")?;
+    let kind = h.get("switchyard-type").ok_or("no type")?;
+    if kind.as_str() != Tick::TYPE {
+        return Err(format!("unexpected type {kind} of {id}"));
+    }
+    let tick: Tick = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    std::hint::black_box(tick);
+    Ok(())
+}
+
 async fn raw_js_publish(
     js: &jetstream::Context,
     subject: &str,
     n: u64,
     payload: &bytes::Bytes,
+    raw: Raw,
 ) -> Result<Duration, String> {
     let started = Instant::now();
     let mut acks = FuturesUnordered::new();
@@ -37,10 +79,14 @@ async fn raw_js_publish(
             let ack: Result<_, _> = acks.next().await.expect("non-empty");
             ack.map_err(|e: jetstream::context::PublishError| e.to_string())?;
         }
-        let ack = js
-            .publish(subject.to_owned(), payload.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+        let ack = match raw {
+            Raw::Bare => js.publish(subject.to_owned(), payload.clone()).await,
+            Raw::SameMessages => {
+                js.publish_with_headers(subject.to_owned(), raw_headers(), payload.clone())
+                    .await
+            }
+        }
+        .map_err(|e| e.to_string())?;
         acks.push(async move { ack.await });
     }
     while let Some(a) = acks.next().await {
@@ -53,6 +99,7 @@ async fn raw_js_consume(
     js: &jetstream::Context,
     stream_name: &str,
     n: u64,
+    raw: Raw,
 ) -> Result<Duration, String> {
     let stream = js
         .get_stream(stream_name)
@@ -82,6 +129,9 @@ async fn raw_js_consume(
             .await
             .ok_or("ended")?
             .map_err(|e| e.to_string())?;
+        if raw == Raw::SameMessages {
+            raw_read(m.headers.as_ref(), &m.payload)?;
+        }
         m.ack().await.map_err(|e| e.to_string())?;
     }
     Ok(started.elapsed())
@@ -123,62 +173,23 @@ async fn sy_consume(
         .spawn();
     consumer.subscribed().await;
     let started = Instant::now();
-    published.await?;
+    let p = published.await?;
+    if std::env::var("SWITCHYARD_BENCH_DEBUG").is_ok() {
+        eprintln!("published in {p:?}, at {:?}", started.elapsed());
+    }
     done.notified().await;
     let elapsed = started.elapsed();
     consumer.shutdown().await.map_err(|e| e.to_string())?;
     Ok(elapsed)
 }
 
-/// Runs every workload once with `n` messages of `size` bytes.
-pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
-    let payload = crate::payload(size);
-    let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
-    let js = jetstream::new(client.clone());
-    let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    let mut rates = Vec::new();
-    let mut made = Vec::new();
-
-    // JetStream, raw.
-    let subject = unique("raw");
-    js.get_or_create_stream(stream::Config {
-        name: subject.clone(),
-        subjects: vec![subject.clone()],
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    made.push(subject.clone());
-    rates.push(Rate {
-        name: "JetStream publish, raw async-nats (window 256)",
-        per_sec: rate(raw_js_publish(&js, &subject, n, &payload).await?),
-    });
-    rates.push(Rate {
-        name: "JetStream consume+ack, raw async-nats",
-        per_sec: rate(raw_js_consume(&js, &subject, n).await?),
-    });
-
-    // JetStream, switchyard.
-    let t = NatsTransport::connect(NatsConfig::new(url))
-        .await
-        .map_err(|e| e.to_string())?;
-    let q = unique("sy");
-    t.declare(&Topology::new().queue(QueueSpec::new(&q)))
-        .await
-        .map_err(|e| e.to_string())?;
-    made.push(q.clone());
-    made.push(format!("{q}_dlq"));
-    rates.push(Rate {
-        name: "JetStream publish, switchyard (window 256)",
-        per_sec: rate(sy_publish(&t, &q, n, &payload).await?),
-    });
-    let none = async { Ok(Duration::ZERO) };
-    rates.push(Rate {
-        name: "JetStream consume+ack, switchyard",
-        per_sec: rate(sy_consume(t.clone(), &q, n, none).await?),
-    });
-
-    // Core NATS: publish and receive concurrently (nothing is stored).
+/// Core NATS through the raw client: publish and receive concurrently.
+async fn raw_core(
+    client: &async_nats::Client,
+    n: u64,
+    payload: &bytes::Bytes,
+    raw: Raw,
+) -> Result<Duration, String> {
     let subject = unique("core-raw");
     let mut sub = client
         .subscribe(subject.clone())
@@ -188,48 +199,135 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
     let started = Instant::now();
     let receive = async {
         for _ in 0..n {
-            sub.next().await.ok_or("ended")?;
+            let m = sub.next().await.ok_or("ended")?;
+            if raw == Raw::SameMessages {
+                raw_read(m.headers.as_ref(), &m.payload)?;
+            }
         }
         Ok::<_, String>(())
     };
     let send = async {
         for _ in 0..n {
-            client
-                .publish(subject.clone(), payload.clone())
-                .await
-                .map_err(|e| e.to_string())?;
+            match raw {
+                Raw::Bare => client.publish(subject.clone(), payload.clone()).await,
+                Raw::SameMessages => {
+                    client
+                        .publish_with_headers(subject.clone(), raw_headers(), payload.clone())
+                        .await
+                }
+            }
+            .map_err(|e| e.to_string())?;
         }
         client.flush().await.map_err(|e| e.to_string())
     };
     let (r, s) = tokio::join!(receive, send);
     r?;
     s?;
-    rates.push(Rate {
-        name: "core pub/sub, raw async-nats",
-        per_sec: rate(started.elapsed()),
-    });
-    let core = NatsCoreTransport::connect(NatsConfig::new(url))
-        .await
-        .map_err(|e| e.to_string())?;
-    let subject = unique("core-sy");
-    let publisher = core.clone();
-    let subject2 = subject.clone();
-    let payload2 = payload.clone();
-    let publish_all = async move {
-        let started = Instant::now();
-        for _ in 0..n {
-            publisher
-                .publish(&subject2, Envelope::new(Tick::TYPE, payload2.clone()))
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(started.elapsed())
-    };
-    rates.push(Rate {
-        name: "core pub/sub, switchyard",
-        per_sec: rate(sy_consume(core, &subject, n, publish_all).await?),
-    });
+    Ok(started.elapsed())
+}
 
+/// Runs every workload once with `n` messages of `size` bytes. The rates
+/// come in groups of three (JetStream publish, JetStream consume, core
+/// pub/sub): raw with bare payloads, raw with the same messages as
+/// switchyard, switchyard.
+pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
+    let payload = crate::payload(size);
+    let client = async_nats::connect(url).await.map_err(|e| e.to_string())?;
+    let js = jetstream::new(client.clone());
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    let mut rates = Vec::new();
+    let mut made = Vec::new();
+
+    // `SWITCHYARD_BENCH_ONLY=js` or `=core` runs one group (for profiling).
+    let only = std::env::var("SWITCHYARD_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "js" {
+        let mut publish = Vec::new();
+        let mut consume = Vec::new();
+        for (raw, publish_name, consume_name) in [
+            (
+                Raw::Bare,
+                "JetStream publish, raw, bare payload",
+                "JetStream consume+ack, raw, bare payload",
+            ),
+            (
+                Raw::SameMessages,
+                "JetStream publish, raw, same messages",
+                "JetStream consume+ack, raw, same messages",
+            ),
+        ] {
+            let subject = unique("raw");
+            js.get_or_create_stream(stream::Config {
+                name: subject.clone(),
+                subjects: vec![subject.clone()],
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            made.push(subject.clone());
+            publish.push(Rate {
+                name: publish_name,
+                per_sec: rate(raw_js_publish(&js, &subject, n, &payload, raw).await?),
+            });
+            consume.push(Rate {
+                name: consume_name,
+                per_sec: rate(raw_js_consume(&js, &subject, n, raw).await?),
+            });
+        }
+
+        let t = NatsTransport::connect(NatsConfig::new(url))
+            .await
+            .map_err(|e| e.to_string())?;
+        let q = unique("sy");
+        t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+            .await
+            .map_err(|e| e.to_string())?;
+        made.push(q.clone());
+        made.push(format!("{q}_dlq"));
+        publish.push(Rate {
+            name: "JetStream publish, switchyard",
+            per_sec: rate(sy_publish(&t, &q, n, &payload).await?),
+        });
+        let none = async { Ok(Duration::ZERO) };
+        consume.push(Rate {
+            name: "JetStream consume+ack, switchyard",
+            per_sec: rate(sy_consume(t.clone(), &q, n, none).await?),
+        });
+        rates.extend(publish);
+        rates.extend(consume);
+    }
+    if only.is_empty() || only == "core" {
+        // Core NATS: publish and receive concurrently (nothing is stored).
+        for (raw, name) in [
+            (Raw::Bare, "core pub/sub, raw, bare payload"),
+            (Raw::SameMessages, "core pub/sub, raw, same messages"),
+        ] {
+            rates.push(Rate {
+                name,
+                per_sec: rate(raw_core(&client, n, &payload, raw).await?),
+            });
+        }
+        let core = NatsCoreTransport::connect(NatsConfig::new(url))
+            .await
+            .map_err(|e| e.to_string())?;
+        let subject = unique("core-sy");
+        let publisher = core.clone();
+        let subject2 = subject.clone();
+        let payload2 = payload.clone();
+        let publish_all = async move {
+            let started = Instant::now();
+            for _ in 0..n {
+                publisher
+                    .publish(&subject2, Envelope::new(Tick::TYPE, payload2.clone()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(started.elapsed())
+        };
+        rates.push(Rate {
+            name: "core pub/sub, switchyard",
+            per_sec: rate(sy_consume(core, &subject, n, publish_all).await?),
+        });
+    }
     for name in made {
         let _ = js.delete_stream(&name).await;
     }

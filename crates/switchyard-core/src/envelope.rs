@@ -222,6 +222,31 @@ impl Envelope {
         }
     }
 
+    /// An envelope read off the wire: the given id, type and payload,
+    /// schema version 1 and an `occurred_at` of the Unix epoch (a message
+    /// that does not say when it happened), every optional field empty.
+    /// Adapters fill in the rest from the broker's properties; unlike
+    /// [`new`](Self::new), nothing is generated and the clock is not read.
+    pub fn decoded(id: MessageId, kind: String, payload: Bytes) -> Self {
+        Envelope {
+            id,
+            kind,
+            schema_version: 1,
+            occurred_at: SystemTime::UNIX_EPOCH,
+            correlation_id: None,
+            causation_id: None,
+            producer: None,
+            partition_key: None,
+            tenant: None,
+            deadline: None,
+            reply_to: None,
+            trace: TraceContext::default(),
+            content_type: None,
+            headers: Headers::new(),
+            payload,
+        }
+    }
+
     /// Sets the schema version.
     pub fn with_schema_version(mut self, version: u32) -> Self {
         self.schema_version = version;
