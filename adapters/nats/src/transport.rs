@@ -41,6 +41,19 @@ pub struct NatsConfig {
     token: Option<String>,
     ack_wait: Duration,
     double_ack: bool,
+    max_ack_pending: Option<i64>,
+    max_deliver: Option<i64>,
+    tls: TlsConfig,
+    creds_file: Option<std::path::PathBuf>,
+    nkey_seed: Option<String>,
+}
+
+/// TLS settings beyond what the URL says (`tls://` turns TLS on).
+#[derive(Clone, Debug, Default)]
+struct TlsConfig {
+    required: bool,
+    root_certificates: Vec<std::path::PathBuf>,
+    client_certificate: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl NatsConfig {
@@ -54,7 +67,72 @@ impl NatsConfig {
             token: None,
             ack_wait: Duration::from_secs(30),
             double_ack: false,
+            max_ack_pending: None,
+            max_deliver: None,
+            tls: TlsConfig::default(),
+            creds_file: None,
+            nkey_seed: None,
         }
+    }
+
+    /// The most unacknowledged messages the server lets the durable
+    /// consumer of a queue have out, across all its subscribers. By
+    /// default, four times the prefetch (concurrency) of the subscriber
+    /// that creates it: room for four such subscribers. An existing
+    /// consumer keeps its value.
+    pub fn max_ack_pending(mut self, n: i64) -> Self {
+        self.max_ack_pending = Some(n);
+        self
+    }
+
+    /// How many times the server delivers a message before it gives up on
+    /// it (`-1`: never). By default `2 × max_attempts + 50`: above the
+    /// runtime's budget (where a release counts a delivery, two per
+    /// attempt), so switchyard dead-letters a message with its reason
+    /// before the server stops delivering it, with room for the dead-letter
+    /// publish to be retried while the dead-letter stream is unavailable.
+    /// Subscribing to a consumer whose `max_deliver` is not above the
+    /// budget is a configuration error.
+    pub fn max_deliver(mut self, n: i64) -> Self {
+        self.max_deliver = Some(n);
+        self
+    }
+
+    /// Requires TLS even for a `nats://` URL (`tls://` always does).
+    pub fn require_tls(mut self, on: bool) -> Self {
+        self.tls.required = on;
+        self
+    }
+
+    /// Trusts the CA certificates in this PEM file (in addition to the
+    /// system's).
+    pub fn root_certificates(mut self, pem: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.root_certificates.push(pem.into());
+        self
+    }
+
+    /// Presents this client certificate and key (PEM files) to the server.
+    pub fn client_certificate(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls.client_certificate = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Authenticates with a credentials file (`.creds`: a user JWT and its
+    /// NKey seed), as issued by `nsc` for decentralized auth.
+    pub fn credentials_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.creds_file = Some(path.into());
+        self
+    }
+
+    /// Authenticates with an NKey: the user's seed (`SU...`). Only the
+    /// public key and a signature of the server's nonce are sent.
+    pub fn nkey(mut self, seed: impl Into<String>) -> Self {
+        self.nkey_seed = Some(seed.into());
+        self
     }
 
     /// The connection name the server shows.
@@ -95,11 +173,16 @@ impl NatsConfig {
 impl fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsConfig")
-            .field("url", &self.url)
+            .field("url", &switchyard_core::redact(&self.url))
             .field("name", &self.name)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
             .field("password", &self.credentials.as_ref().map(|_| "***"))
             .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("nkey", &self.nkey_seed.as_ref().map(|_| "***"))
+            .field("credentials_file", &self.creds_file)
+            .field("tls", &self.tls)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .field("max_deliver", &self.max_deliver)
             .field("ack_wait", &self.ack_wait)
             .field("double_ack", &self.double_ack)
             .finish()
@@ -132,10 +215,35 @@ pub(crate) async fn connect_client(
     if let Some(token) = &config.token {
         options = options.token(token.clone());
     }
+    if let Some(seed) = &config.nkey_seed {
+        options = options.nkey(seed.clone());
+    }
+    if let Some(path) = &config.creds_file {
+        // The error names the file, never its contents.
+        options = options.credentials_file(path).await.map_err(|e| {
+            TransportError::new(
+                TransportErrorKind::Config,
+                format!(
+                    "cannot use the NATS credentials file {}: {}",
+                    path.display(),
+                    e.kind()
+                ),
+            )
+        })?;
+    }
+    if config.tls.required {
+        options = options.require_tls(true);
+    }
+    for pem in &config.tls.root_certificates {
+        options = options.add_root_certificates(pem.clone());
+    }
+    if let Some((cert, key)) = &config.tls.client_certificate {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
     options.connect(config.url.as_str()).await.map_err(|e| {
         error(
             TransportErrorKind::Connection,
-            format!("cannot connect to {}", config.url),
+            format!("cannot connect to {}", switchyard_core::redact(&config.url)),
             e,
         )
     })
@@ -335,7 +443,22 @@ impl NatsTransport {
         queue: &str,
         lease: Duration,
         prefetch: usize,
+        max_attempts: Option<u32>,
     ) -> Result<pull::Stream, TransportError> {
+        // A release counts a delivery: two per attempt, then the one on
+        // which the runtime dead-letters a message over its budget.
+        let budget = max_attempts.map(|n| i64::from(n) * 2 + 1);
+        let max_deliver = self
+            .inner
+            .config
+            .max_deliver
+            .or(budget.map(|b| b + 49))
+            .unwrap_or(-1);
+        let max_ack_pending = self
+            .inner
+            .config
+            .max_ack_pending
+            .unwrap_or_else(|| i64::try_from(prefetch.saturating_mul(4)).unwrap_or(i64::MAX));
         let stream = self
             .inner
             .js
@@ -355,9 +478,10 @@ impl NatsTransport {
                     durable_name: Some(CONSUMER.to_owned()),
                     ack_policy: AckPolicy::Explicit,
                     ack_wait: lease,
-                    // Unlimited: the runtime bounds attempts and dead-letters
-                    // with the reason; the server must not drop first.
-                    max_deliver: -1,
+                    // Above the runtime's budget: switchyard dead-letters
+                    // with the reason before the server gives up.
+                    max_deliver,
+                    max_ack_pending,
                     ..Default::default()
                 },
             )
@@ -369,6 +493,29 @@ impl NatsTransport {
                     e,
                 )
             })?;
+        // An existing consumer keeps its settings: check they still fit.
+        let existing = &consumer.cached_info().config;
+        if let Some(budget) = budget {
+            if existing.max_deliver > 0 && existing.max_deliver <= budget {
+                return Err(TransportError::new(
+                    TransportErrorKind::Config,
+                    format!(
+                        "the consumer of {queue:?} has max_deliver {}, which is not above this subscriber's budget of {budget} deliveries (2 x max_attempts + 1): the server would stop delivering a message before switchyard dead-letters it; raise max_deliver (or delete the consumer) or lower max_attempts",
+                        existing.max_deliver
+                    ),
+                ));
+            }
+        }
+        if existing.max_ack_pending > 0
+            && usize::try_from(existing.max_ack_pending).is_ok_and(|m| m < prefetch)
+        {
+            tracing::warn!(
+                queue,
+                max_ack_pending = existing.max_ack_pending,
+                prefetch,
+                "the consumer's max_ack_pending is below this subscriber's concurrency; it cannot use all of it"
+            );
+        }
         consumer
             .stream()
             .max_messages_per_batch(prefetch)
@@ -392,12 +539,14 @@ impl NatsTransport {
     ) -> Result<DeliveryStream, TransportError> {
         let (_, lease) = self.queue_info(queue);
         let prefetch = options.prefetch.max(1);
-        let messages = self.messages(queue, lease, prefetch).await?;
+        let max_attempts = options.max_attempts;
+        let messages = self.messages(queue, lease, prefetch, max_attempts).await?;
         let state = Pull {
             transport: self.clone(),
             queue: queue.into(),
             lease,
             prefetch,
+            max_attempts,
             permits: Arc::new(Semaphore::new(prefetch)),
             messages: Some(messages),
             pause: Duration::from_millis(100),
@@ -414,7 +563,7 @@ impl NatsTransport {
                 let Some(messages) = pull.messages.as_mut() else {
                     match pull
                         .transport
-                        .messages(&pull.queue, pull.lease, pull.prefetch)
+                        .messages(&pull.queue, pull.lease, pull.prefetch, pull.max_attempts)
                         .await
                     {
                         Ok(m) => {
@@ -462,6 +611,7 @@ struct Pull {
     queue: Arc<str>,
     lease: Duration,
     prefetch: usize,
+    max_attempts: Option<u32>,
     permits: Arc<Semaphore>,
     messages: Option<pull::Stream>,
     pause: Duration,

@@ -278,6 +278,9 @@ mod tests {
         assert_eq!(env.schema_version, 1);
         assert_eq!(env.occurred_at, SystemTime::UNIX_EPOCH);
         assert_eq!(env.headers.get(header_names::SCHEMA_VERSION), Some("two"));
-        assert_eq!(env.headers.get(header_names::OCCURRED_AT), Some("yesterday"));
+        assert_eq!(
+            env.headers.get(header_names::OCCURRED_AT),
+            Some("yesterday")
+        );
     }
 }

@@ -12,6 +12,9 @@ use switchyard_core::{
 };
 use switchyard_nats::{NatsConfig, NatsTransport};
 
+mod common;
+use common::PrivateServer;
+
 fn url() -> String {
     std::env::var("SWITCHYARD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
@@ -162,63 +165,6 @@ async fn duplicates_published_with_the_same_id_are_stored_once() {
     assert_eq!(stored, 1, "the server's duplicate window keeps one copy");
 }
 
-/// A private nats-server with JetStream on its own port and store.
-struct PrivateServer {
-    child: std::process::Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl PrivateServer {
-    fn spawn(port: u16, dir: &std::path::Path) -> std::process::Child {
-        std::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nats-server on the PATH")
-    }
-
-    fn start(port: u16, dir: &std::path::Path) -> PrivateServer {
-        PrivateServer {
-            child: Self::spawn(port, dir),
-            port,
-            dir: dir.to_owned(),
-        }
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "private nats-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Kills the server and starts it again on the same port and store
-    /// (the store survives: only `Drop` removes it).
-    fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = Self::spawn(self.port, &self.dir);
-    }
-}
-
-impl Drop for PrivateServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumption_resumes_by_itself_after_a_server_restart_and_nothing_is_lost() {
     const N: u32 = 2000;
@@ -228,7 +174,7 @@ async fn consumption_resumes_by_itself_after_a_server_restart_and_nothing_is_los
         .try_init();
     let port = 14222 + (std::process::id() % 1000) as u16;
     let dir = std::env::temp_dir().join(format!("sy-nats-{}", std::process::id()));
-    let mut server = PrivateServer::start(port, &dir);
+    let mut server = PrivateServer::start(port, &dir, &[]);
     server.wait_ready().await;
     let url = format!("nats://127.0.0.1:{port}");
     let t = connect_to(&url).await;

@@ -29,6 +29,10 @@ pub struct RabbitConfig {
     pub(crate) queue_expires: Option<Duration>,
     pub(crate) delivery_limit: Option<u32>,
     pub(crate) single_active_consumer: bool,
+    /// Extra CA certificates (PEM files) trusted for `amqps://`.
+    pub(crate) tls_roots: Vec<std::path::PathBuf>,
+    /// Client certificate and PKCS#8 key (PEM files) for `amqps://`.
+    pub(crate) tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl RabbitConfig {
@@ -47,7 +51,57 @@ impl RabbitConfig {
             queue_expires: None,
             delivery_limit: None,
             single_active_consumer: false,
+            tls_roots: Vec::new(),
+            tls_client: None,
         }
+    }
+
+    /// For `amqps://`: trusts the CA certificates in this PEM file as well
+    /// as the system's.
+    pub fn root_certificates(mut self, pem: impl Into<std::path::PathBuf>) -> Self {
+        self.tls_roots.push(pem.into());
+        self
+    }
+
+    /// For `amqps://`: presents this client certificate with its PKCS#8
+    /// private key (PEM files), for brokers that authenticate clients by
+    /// certificate.
+    pub fn client_certificate(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls_client = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The TLS settings for lapin, read from the files named (an unreadable
+    /// file is a configuration error naming it).
+    pub(crate) fn tls(&self) -> Result<lapin::tcp::OwnedTLSConfig, TransportError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                TransportError::new(
+                    TransportErrorKind::Config,
+                    format!("cannot read TLS file {}: {e}", path.display()),
+                )
+            })
+        };
+        let mut chain = String::new();
+        for path in &self.tls_roots {
+            chain.push_str(&String::from_utf8_lossy(&read(path)?));
+            chain.push('\n');
+        }
+        let identity = match &self.tls_client {
+            Some((cert, key)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: read(cert)?,
+                key: read(key)?,
+            }),
+            None => None,
+        };
+        Ok(lapin::tcp::OwnedTLSConfig {
+            identity,
+            cert_chain: (!chain.is_empty()).then_some(chain),
+        })
     }
 
     /// Declares quorum queues with this `x-delivery-limit` (RabbitMQ 4
@@ -113,18 +167,10 @@ impl RabbitConfig {
     }
 
     pub(crate) fn check(&self) -> Result<(), TransportError> {
-        let scheme_ok = self.url.starts_with("amqp://");
-        if self.url.starts_with("amqps://") {
-            // lapin without a TLS feature would silently connect in plain text.
+        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
             return Err(TransportError::new(
                 TransportErrorKind::Config,
-                "amqps:// needs TLS, which this build of switchyard-rabbitmq does not include",
-            ));
-        }
-        if !scheme_ok {
-            return Err(TransportError::new(
-                TransportErrorKind::Config,
-                format!("{} is not an amqp:// URL", self.redacted_url()),
+                format!("{} is not an amqp:// or amqps:// URL", self.redacted_url()),
             ));
         }
         if self.delay_tiers.is_empty() {
@@ -152,24 +198,7 @@ impl RabbitConfig {
     }
 }
 
-/// `scheme://user:***@host...`: the password never leaves this process in
-/// logs, errors or `Debug` output.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "***".into();
-    };
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}{tail}")
-        }
-        None => url.to_owned(),
-    }
-}
+pub(crate) use switchyard_core::redact;
 
 impl fmt::Debug for RabbitConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -195,17 +224,28 @@ mod tests {
     #[test]
     fn passwords_never_show() {
         let c = RabbitConfig::new("amqp://app:s3cr3t@rabbit:5672/%2f?x=1");
-        assert_eq!(c.redacted_url(), "amqp://app:***@rabbit:5672/%2f?x=1");
+        assert_eq!(c.redacted_url(), "amqp://***@rabbit:5672/%2f?x=1");
         assert!(!format!("{c:?}").contains("s3cr3t"));
         assert_eq!(redact("amqp://rabbit:5672"), "amqp://rabbit:5672");
-        assert_eq!(redact("amqp://a:b@c@host/"), "amqp://a:***@host/");
+        assert_eq!(redact("amqp://a:b@c@host/"), "amqp://***@host/");
     }
 
     #[test]
-    fn amqps_without_tls_is_refused() {
-        let err = RabbitConfig::new("amqps://u:p@h").check().unwrap_err();
+    fn other_schemes_are_refused_and_amqps_is_accepted() {
+        assert!(RabbitConfig::new("amqps://u:p@h").check().is_ok());
+        let err = RabbitConfig::new("http://u:secret@h").check().unwrap_err();
         assert_eq!(err.kind(), TransportErrorKind::Config);
-        assert!(!err.to_string().contains(":p@"));
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_tls_file_is_a_configuration_error_naming_it() {
+        let err = RabbitConfig::new("amqps://h")
+            .root_certificates("/nonexistent/ca.pem")
+            .tls()
+            .unwrap_err();
+        assert_eq!(err.kind(), TransportErrorKind::Config);
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
     }
 
     #[test]

@@ -174,15 +174,24 @@ impl Conn {
         if let Some(name) = &config.connection_name {
             props = props.with_connection_name(name.clone().into());
         }
-        let connection = Connection::connect(config.url_with_heartbeat().as_str(), props)
-            .await
-            .map_err(|e| {
-                TransportError::new(
-                    TransportErrorKind::Connection,
-                    format!("cannot connect to {}", config.redacted_url()),
-                )
+        let runtime = lapin::runtime::default_runtime().map_err(|e| {
+            TransportError::new(TransportErrorKind::Connection, "no async runtime for lapin")
                 .with_source(e)
-            })?;
+        })?;
+        let connection = Connection::connect_with_config(
+            config.url_with_heartbeat().as_str(),
+            props,
+            config.tls()?,
+            runtime,
+        )
+        .await
+        .map_err(|e| {
+            TransportError::new(
+                TransportErrorKind::Connection,
+                format!("cannot connect to {}", config.redacted_url()),
+            )
+            .with_source(e)
+        })?;
         let mut publishers = Vec::with_capacity(PUBLISH_CHANNELS);
         for _ in 0..PUBLISH_CHANNELS {
             let channel = connection

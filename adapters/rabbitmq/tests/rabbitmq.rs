@@ -218,7 +218,7 @@ async fn the_password_never_shows_in_errors_or_debug() {
     assert_eq!(err.kind(), TransportErrorKind::Connection);
     let text = format!("{err} {err:?}");
     assert!(!text.contains("hunter2"), "{text}");
-    assert!(text.contains("guest:***@127.0.0.1:1"), "{text}");
+    assert!(text.contains("amqp://***@127.0.0.1:1"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,4 +444,41 @@ async fn a_dead_letter_queue_that_is_gone_holds_the_message_back_instead_of_spin
         info.reason,
         DeadLetterReason::Permanent | DeadLetterReason::MaxAttempts
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_connects_through_tls_and_verifies_the_broker_certificate() {
+    use switchyard_testkit::{TestCertificates, TlsProxy};
+
+    let certs = TestCertificates::generate().unwrap();
+    // TLS in front of the shared broker, which listens on plain TCP only.
+    let proxy = TlsProxy::start(&certs, "127.0.0.1:5672").await.unwrap();
+    let amqps = format!("amqps://guest:guest@localhost:{}/%2f", proxy.addr().port());
+
+    // The CA is not trusted: the handshake fails, and says nothing secret.
+    let err = RabbitTransport::connect(RabbitConfig::new(&amqps))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connection, "{err}");
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("guest:guest"), "{text}");
+
+    // Trusting it, everything works over TLS.
+    let t = RabbitTransport::connect(
+        RabbitConfig::new(&amqps)
+            .root_certificates(certs.ca_path())
+            .queue_expires(Duration::from_secs(60)),
+    )
+    .await
+    .expect("amqps:// through the TLS proxy");
+    let q = queue(&t, "tls").await;
+    t.publish(&q, Envelope::new("t", "over tls")).await.unwrap();
+    let mut deliveries = t.subscribe(&q, SubscribeOptions::default()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+        .await
+        .expect("a delivery over TLS")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&d.envelope().payload[..], b"over tls");
+    d.ack().await.unwrap();
 }

@@ -16,6 +16,7 @@ pub mod handler;
 pub mod message;
 pub mod middleware;
 pub mod outcome;
+mod redact;
 pub mod router;
 pub mod runtime;
 pub mod transport;
@@ -65,6 +66,7 @@ pub use envelope::{Envelope, Headers, MessageId, TraceContext};
 pub use handler::{Context, ErrorClass, HandleError, Handler, ResultExt};
 pub use message::{Codec, DecodeError, JsonCodec, Message};
 pub use outcome::{AckReason, DeadLetterReason, Outcome};
+pub use redact::redact;
 pub use router::{Router, RouterBuilder};
 pub use runtime::{Consumer, ConsumerBuilder, ConsumerHandle, Incoming, Publisher, ShutdownReport};
 pub use transport::{

@@ -29,6 +29,8 @@
 
 pub mod conformance;
 pub mod fault_proxy;
+pub mod tls;
 
 pub use conformance::{run_case, run_conformance, Case, CaseResult, Harness, Report, SuiteConfig};
 pub use fault_proxy::FaultProxy;
+pub use tls::{TestCertificates, TlsProxy};

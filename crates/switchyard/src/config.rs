@@ -141,67 +141,7 @@ impl fmt::Debug for Url {
     }
 }
 
-/// Replaces the user information of every URL in `text` (`scheme://user:password@host`)
-/// with `***`, so that error messages and logs never carry credentials.
-pub fn redact(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for (n, piece) in text
-        .split_inclusive(|c: char| c.is_whitespace())
-        .enumerate()
-    {
-        let _ = n;
-        out.push_str(&redact_token(piece));
-    }
-    out
-}
-
-/// Redacts one whitespace-free token (with its trailing whitespace).
-fn redact_token(token: &str) -> String {
-    if !token.contains('@') {
-        return token.to_owned();
-    }
-    // Several URLs may share a token (`nats://u:p@a,nats://u:p@b`): each
-    // authority ends at a comma, a quote, or the next scheme.
-    let mut out = String::with_capacity(token.len());
-    let mut rest = token;
-    if !rest.contains("://") {
-        // No scheme (`user:password@host`): everything before the last `@`
-        // of a `name:secret@` form goes.
-        return match rest.rfind('@') {
-            Some(at) if rest[..at].contains(':') => {
-                let start = rest[..at].rfind(['"', '\'', '(', '=']).map_or(0, |i| i + 1);
-                format!("{}***@{}", &rest[..start], &rest[at + 1..])
-            }
-            _ => rest.to_owned(),
-        };
-    }
-    while let Some(at) = rest.find("://") {
-        let (head, tail) = rest.split_at(at + 3);
-        out.push_str(head);
-        let end = tail
-            .find(|c: char| c == ',' || c == '"' || c == '\'' || c.is_whitespace())
-            .unwrap_or(tail.len());
-        let end = tail[..end].find("://").map_or(end, |next| {
-            // Back up to the start of the next scheme's name.
-            tail[..next]
-                .rfind(|c: char| !c.is_ascii_alphanumeric() && c != '+' && c != '-' && c != '.')
-                .map_or(0, |i| i + 1)
-        });
-        let authority = &tail[..end];
-        // The last `@` ends the user information, even if the password holds
-        // `/`, `?` or `#`.
-        match authority.rfind('@') {
-            Some(i) => {
-                out.push_str("***@");
-                out.push_str(&authority[i + 1..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = &tail[end..];
-    }
-    out.push_str(rest);
-    out
-}
+pub use switchyard_core::redact;
 
 /// The kinds this build has.
 fn compiled_kinds() -> Vec<TransportKind> {
@@ -282,6 +222,32 @@ pub struct TransportConfig {
     /// sqs: declare queues with a redrive policy after this many receives.
     #[serde(default)]
     pub redrive_max_receive_count: Option<u32>,
+    /// rabbitmq, jetstream, nats: a PEM file of CA certificates trusted
+    /// for TLS (`amqps://`, `tls://`) besides the system's.
+    #[serde(default)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// rabbitmq, jetstream, nats: a client certificate (PEM) for TLS;
+    /// needs `tls_key`.
+    #[serde(default)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// rabbitmq, jetstream, nats: the client certificate's private key
+    /// (PEM; PKCS#8 for rabbitmq).
+    #[serde(default)]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// jetstream, nats: a credentials file (`.creds`: user JWT and NKey seed).
+    #[serde(default)]
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// jetstream, nats: an NKey seed (`SU...`) to authenticate with.
+    #[serde(default)]
+    pub nkey_seed: Option<Secret>,
+    /// jetstream: the durable consumer's `max_ack_pending` (default four
+    /// times the consumer's concurrency).
+    #[serde(default)]
+    pub max_ack_pending: Option<i64>,
+    /// jetstream: the durable consumer's `max_deliver` (default
+    /// `2 x max_attempts + 50`; -1 for unlimited).
+    #[serde(default)]
+    pub max_deliver: Option<i64>,
 }
 
 /// `[topics.<name>]`: a topic and the queues subscribed to it.
@@ -582,7 +548,7 @@ impl Config {
             _ => {}
         }
         // Options of another kind are a mistake worth reporting.
-        let options: [(&str, bool, &[TransportKind]); 16] = {
+        let options: [(&str, bool, &[TransportKind]); 23] = {
             use TransportKind::*;
             [
                 ("max_payload", t.max_payload.is_some(), &[Memory, Rabbitmq]),
@@ -609,6 +575,21 @@ impl Config {
                     t.redrive_max_receive_count.is_some(),
                     &[Sqs],
                 ),
+                ("tls_ca", t.tls_ca.is_some(), &[Rabbitmq, Jetstream, Nats]),
+                (
+                    "tls_cert",
+                    t.tls_cert.is_some(),
+                    &[Rabbitmq, Jetstream, Nats],
+                ),
+                ("tls_key", t.tls_key.is_some(), &[Rabbitmq, Jetstream, Nats]),
+                (
+                    "credentials_file",
+                    t.credentials_file.is_some(),
+                    &[Jetstream, Nats],
+                ),
+                ("nkey_seed", t.nkey_seed.is_some(), &[Jetstream, Nats]),
+                ("max_ack_pending", t.max_ack_pending.is_some(), &[Jetstream]),
+                ("max_deliver", t.max_deliver.is_some(), &[Jetstream]),
             ]
         };
         for (name, set, kinds) in options {
@@ -623,6 +604,9 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if t.tls_cert.is_some() != t.tls_key.is_some() {
+            return Err(self.error("transport.tls_key", "tls_cert and tls_key go together"));
         }
         if t.access_key_id.is_some() != t.secret_access_key.is_some() {
             return Err(self.error(
@@ -760,6 +744,12 @@ impl Config {
                 if let Some(n) = t.max_payload {
                     c = c.max_payload(n);
                 }
+                if let Some(ca) = &t.tls_ca {
+                    c = c.root_certificates(ca);
+                }
+                if let (Some(cert), Some(key)) = (&t.tls_cert, &t.tls_key) {
+                    c = c.client_certificate(cert, key);
+                }
                 let transport = switchyard_rabbitmq::RabbitTransport::connect(c)
                     .await
                     .map_err(|e| self.connect_error(e))?;
@@ -776,6 +766,24 @@ impl Config {
                 }
                 if let Some(on) = t.double_ack {
                     c = c.double_ack(on);
+                }
+                if let Some(ca) = &t.tls_ca {
+                    c = c.root_certificates(ca);
+                }
+                if let (Some(cert), Some(key)) = (&t.tls_cert, &t.tls_key) {
+                    c = c.client_certificate(cert, key);
+                }
+                if let Some(path) = &t.credentials_file {
+                    c = c.credentials_file(path);
+                }
+                if let Some(seed) = &t.nkey_seed {
+                    c = c.nkey(seed.expose());
+                }
+                if let Some(n) = t.max_ack_pending {
+                    c = c.max_ack_pending(n);
+                }
+                if let Some(n) = t.max_deliver {
+                    c = c.max_deliver(n);
                 }
                 if t.kind == TransportKind::Nats {
                     let transport = switchyard_nats::NatsCoreTransport::connect(c)

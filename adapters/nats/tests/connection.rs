@@ -1,0 +1,201 @@
+//! Connecting: TLS, NKey and credentials-file authentication, and the
+//! durable consumer's limits. TLS and authentication use private
+//! nats-servers on ports of their own; the limits use the shared server.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use switchyard_core::{
+    Envelope, QueueSpec, SubscribeOptions, Topology, Transport, TransportErrorKind,
+};
+use switchyard_nats::{NatsConfig, NatsTransport};
+use switchyard_testkit::TestCertificates;
+
+mod common;
+use common::PrivateServer;
+
+fn port(offset: u16) -> u16 {
+    15222 + offset * 1000 + (std::process::id() % 1000) as u16
+}
+
+fn store(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sy-nats-{name}-{}", std::process::id()))
+}
+
+/// Publishes one message and reads it back through `t`.
+async fn round_trip(t: &NatsTransport, queue: &str) {
+    t.declare(&Topology::new().queue(QueueSpec::new(queue)))
+        .await
+        .unwrap();
+    t.publish(queue, Envelope::new("t", "hello")).await.unwrap();
+    let mut deliveries = t
+        .subscribe(queue, SubscribeOptions::default())
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+        .await
+        .expect("a delivery")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&d.envelope().payload[..], b"hello");
+    d.ack().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_urls_verify_the_server_against_the_configured_ca() {
+    let certs = TestCertificates::generate().unwrap();
+    let port = port(0);
+    let (cert, key) = (certs.cert_path(), certs.key_path());
+    let server = PrivateServer::start(
+        port,
+        &store("tls"),
+        &[
+            "--tls",
+            "--tlscert",
+            cert.to_str().unwrap(),
+            "--tlskey",
+            key.to_str().unwrap(),
+        ],
+    );
+    server.wait_ready().await;
+    let url = format!("tls://localhost:{port}");
+
+    // Not trusting the CA, the handshake fails.
+    let err = NatsTransport::connect(NatsConfig::new(&url))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connection, "{err}");
+
+    let t = NatsTransport::connect(NatsConfig::new(&url).root_certificates(certs.ca_path()))
+        .await
+        .expect("tls:// with the test CA trusted");
+    round_trip(&t, "tls").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_authentication_works_and_the_seed_never_shows() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    let dir = store("nkey");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let port = port(1);
+    let server = PrivateServer::start(port, &dir.join("js"), &["-c", conf.to_str().unwrap()]);
+    server.wait_ready().await;
+    let url = format!("nats://127.0.0.1:{port}");
+
+    let err = NatsTransport::connect(NatsConfig::new(&url))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connection, "{err}");
+
+    let stranger = nkeys::KeyPair::new_user().seed().unwrap();
+    let err = NatsTransport::connect(NatsConfig::new(&url).nkey(stranger.clone()))
+        .await
+        .unwrap_err();
+    assert!(!format!("{err} {err:?}").contains(&stranger));
+
+    let config = NatsConfig::new(&url).nkey(seed.clone());
+    assert!(!format!("{config:?}").contains(&seed));
+    let t = NatsTransport::connect(config)
+        .await
+        .expect("the server knows this NKey");
+    round_trip(&t, "nkey").await;
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_bad_credentials_file_is_a_configuration_error_that_keeps_its_contents_private() {
+    let missing = std::env::temp_dir().join("sy-no-such-file.creds");
+    let err =
+        NatsTransport::connect(NatsConfig::new("nats://127.0.0.1:4222").credentials_file(&missing))
+            .await
+            .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("sy-no-such-file.creds"), "{err}");
+
+    let garbled = std::env::temp_dir().join(format!("sy-{}.creds", std::process::id()));
+    std::fs::write(&garbled, "SUAM-NOT-A-REAL-SEED-hunter2\n").unwrap();
+    let err =
+        NatsTransport::connect(NatsConfig::new("nats://127.0.0.1:4222").credentials_file(&garbled))
+            .await
+            .unwrap_err();
+    let _ = std::fs::remove_file(&garbled);
+    assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
+    assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+}
+
+fn shared_url() -> String {
+    std::env::var("SWITCHYARD_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+async fn remove_stream(js: &async_nats::jetstream::Context, queue: &str) {
+    for name in [queue.to_owned(), format!("{queue}_dlq")] {
+        let _ = js.delete_stream(&name).await;
+    }
+}
+
+#[tokio::test]
+async fn the_durable_consumer_gets_limits_from_the_subscriber_and_a_too_low_max_deliver_is_refused()
+{
+    let url = shared_url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let t = NatsTransport::connect(NatsConfig::new(&url)).await.unwrap();
+
+    // Created by a subscriber with concurrency 8 and 3 attempts.
+    let q = format!("sy-test-limits-{}", std::process::id());
+    t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+        .await
+        .unwrap();
+    let deliveries = t
+        .subscribe(&q, SubscribeOptions::default().prefetch(8).max_attempts(3))
+        .await
+        .unwrap();
+    let stream = js.get_stream(&q).await.unwrap();
+    let mut consumer = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("switchyard")
+        .await
+        .unwrap();
+    let config = consumer.info().await.unwrap().config.clone();
+    drop(deliveries);
+    remove_stream(&js, &q).await;
+    assert_eq!(config.max_ack_pending, 32, "four times the concurrency");
+    assert_eq!(
+        config.max_deliver,
+        2 * 3 + 1 + 49,
+        "above the runtime's budget"
+    );
+
+    // A consumer that would give up before the runtime dead-letters.
+    let q = format!("sy-test-low-limit-{}", std::process::id());
+    t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+        .await
+        .unwrap();
+    js.get_stream(&q)
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("switchyard".into()),
+            max_deliver: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = t
+        .subscribe(&q, SubscribeOptions::default().max_attempts(3))
+        .await
+        .err()
+        .expect("max_deliver 5 is not above 7 deliveries");
+    remove_stream(&js, &q).await;
+    assert_eq!(err.kind(), TransportErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("max_deliver 5"), "{err}");
+}
