@@ -1,156 +1,275 @@
 //! Acknowledgements coalesced on the wire: settled one by one in the API,
 //! sent as one `basic.ack` with `multiple=true` over the longest contiguous
-//! run of acknowledged delivery tags. The per-ack round trip is the
-//! throughput limit of a RabbitMQ consumer.
+//! run of settled delivery tags. The per-ack round trip is the throughput
+//! limit of a RabbitMQ consumer.
 //!
-//! Rules: a run is flushed once it is [`BATCH`] long (or half the
-//! prefetch), after [`LINGER`]
-//! without more, and before any negative acknowledgement; a tag still in
-//! flight ends the run, so a nack or dead-letter in the middle never acks
-//! the deliveries after it. An ack not yet flushed when the process dies is
-//! redelivered (and deduplicated), never lost.
+//! Rules: a run is flushed once it holds [`BATCH`] acks (or half the
+//! prefetch), after [`LINGER`] without reaching that, and whenever a flush
+//! is asked for; a tag still in flight ends the run, so a nack or
+//! dead-letter in the middle never acks the deliveries after it, and a nack
+//! is sent before any ack that covers its position. An ack not yet flushed
+//! when the process dies is redelivered (and deduplicated), never lost.
+//!
+//! Settling records the tag in shared state under a short lock; the
+//! channel's worker task, the only one that sends frames, is woken once
+//! per batch (and for nacks and flushes), not once per message.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::Channel;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 
-/// Longest run sent as one ack (or half the prefetch, if smaller: the
-/// broker sends no more while the prefetch is used up, so waiting for a
-/// full prefetch's worth would stall it).
+/// Most acks sent as one (or half the prefetch, if smaller: the broker
+/// sends no more while the prefetch is used up, so waiting for a full
+/// prefetch's worth would stall it).
 pub(crate) const BATCH: usize = 64;
 /// How long a shorter run may wait for more.
 pub(crate) const LINGER: Duration = Duration::from_millis(5);
 
-enum Command {
-    /// A delivery was handed out (sent before it reaches the consumer).
-    Delivered(u64),
-    /// It was acknowledged.
-    Ack(u64),
-    /// It goes back to the queue (or not): sent at once, after flushing
-    /// the acknowledged run before it.
-    Nack {
-        tag: u64,
-        requeue: bool,
-        done: Option<oneshot::Sender<Result<(), lapin::Error>>>,
-    },
-    /// Send the acknowledged run now, and say when it is sent.
-    Flush(oneshot::Sender<()>),
+/// One delivery tag's state.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Slot {
+    /// Handed out, not settled.
+    InFlight,
+    /// Acknowledged, not yet sent.
+    Acked,
+    /// A nack is queued for it: nothing may be acked past it until sent.
+    NackQueued,
+    /// Nacked: settled on the wire, a run may pass it.
+    Done,
 }
 
-/// The sending side, one per consumer channel; cheap to clone.
+struct Nack {
+    tag: u64,
+    requeue: bool,
+    done: Option<oneshot::Sender<Result<(), lapin::Error>>>,
+}
+
+/// The tags of one channel. Delivery tags are consecutive from 1 on a
+/// channel, and each consumer has a channel of its own, so slot `i` is
+/// tag `base + i`.
+#[derive(Debug, Default)]
+struct Tags {
+    /// The first tag not yet sent or settled on the wire.
+    base: u64,
+    slots: VecDeque<Slot>,
+    /// How many slots at the front are `Acked` or `Done` (the run).
+    run: usize,
+    /// How many of those are `Acked`.
+    run_acked: usize,
+}
+
+impl Tags {
+    fn new() -> Self {
+        Tags {
+            base: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Records `slot` for `tag`; `false` for a tag already off the books.
+    fn set(&mut self, tag: u64, slot: Slot) -> bool {
+        let Some(index) = tag
+            .checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return false;
+        };
+        if index >= self.slots.len() {
+            self.slots.resize(index + 1, Slot::InFlight);
+        }
+        self.slots[index] = slot;
+        while let Some(s) = self.slots.get(self.run) {
+            match s {
+                Slot::Acked => self.run_acked += 1,
+                Slot::Done => {}
+                Slot::InFlight | Slot::NackQueued => break,
+            }
+            self.run += 1;
+        }
+        true
+    }
+
+    /// Takes the run off the books if it holds at least `min_acks` acks
+    /// (at least one); returns the last acked tag in it, to be sent as one
+    /// `multiple` ack. A run of nacked tags alone is dropped.
+    fn take_run(&mut self, min_acks: usize) -> Option<u64> {
+        if self.run_acked > 0 && self.run_acked < min_acks.max(1) {
+            return None;
+        }
+        let last = (0..self.run)
+            .rev()
+            .find(|&i| self.slots[i] == Slot::Acked)
+            .map(|i| self.base + i as u64);
+        self.slots.drain(..self.run);
+        self.base += self.run as u64;
+        self.run = 0;
+        self.run_acked = 0;
+        last
+    }
+}
+
+#[derive(Default)]
+struct State {
+    tags: Tags,
+    nacks: Vec<Nack>,
+    flushes: Vec<oneshot::Sender<()>>,
+    /// The worker has been told that acks are waiting (it lingers for more).
+    armed: bool,
+    /// Every `Acks` handle is gone: flush and stop.
+    closed: bool,
+    /// The worker has stopped.
+    stopped: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Notify,
+    /// Wakes flushes waiting for a worker that is stopping.
+    stopped: Notify,
+    channel: Channel,
+    batch: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Marks the state closed once the last [`Acks`] is dropped.
+struct Alive(Arc<Shared>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_one();
+    }
+}
+
+/// The settling side, one per consumer channel; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Acks {
-    tx: mpsc::UnboundedSender<Command>,
-    /// Becomes true when the worker has stopped (after its last flush).
-    stopped: tokio::sync::watch::Receiver<bool>,
+    shared: Arc<Shared>,
+    _alive: Arc<Alive>,
 }
 
 impl Acks {
     /// Starts the worker that owns `channel`'s acknowledgements.
     pub(crate) fn spawn(channel: Channel, prefetch: usize) -> Acks {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
-        let batch = BATCH.min((prefetch / 2).max(1));
-        tokio::spawn(async move {
-            worker(channel, rx, batch).await;
-            let _ = stopped_tx.send(true);
+        let mut state = State::default();
+        state.tags = Tags::new();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            wake: Notify::new(),
+            stopped: Notify::new(),
+            channel,
+            batch: BATCH.min((prefetch / 2).max(1)),
         });
-        Acks { tx, stopped }
+        tokio::spawn(worker(Arc::clone(&shared)));
+        Acks {
+            _alive: Arc::new(Alive(Arc::clone(&shared))),
+            shared,
+        }
     }
 
     /// A handle that does not keep the worker alive.
     pub(crate) fn downgrade(&self) -> WeakAcks {
-        WeakAcks(self.tx.downgrade(), self.stopped.clone())
+        WeakAcks(Arc::clone(&self.shared))
     }
 
-    /// Records a delivery handed out; `false` if the worker is gone.
-    pub(crate) fn delivered(&self, tag: u64) -> bool {
-        self.tx.send(Command::Delivered(tag)).is_ok()
-    }
-
-    /// Queues an ack; `false` if the channel's worker is gone.
+    /// Queues an ack; `false` if the channel is closed (the broker
+    /// redelivers what it held, so the ack could only be lost).
     pub(crate) fn ack(&self, tag: u64) -> bool {
-        self.tx.send(Command::Ack(tag)).is_ok()
+        if !self.shared.channel.status().connected() {
+            return false;
+        }
+        let wake = {
+            let mut state = self.shared.lock();
+            if !state.tags.set(tag, Slot::Acked) {
+                return false;
+            }
+            if state.tags.run_acked >= self.shared.batch {
+                true
+            } else if state.tags.run_acked > 0 && !state.armed {
+                // The first ack of a run: the worker starts lingering.
+                state.armed = true;
+                true
+            } else {
+                false
+            }
+        };
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        true
     }
 
-    /// Sends a nack (after the acks before it) and waits for it.
-    pub(crate) async fn nack(&self, tag: u64, requeue: bool) -> Option<Result<(), lapin::Error>> {
+    fn queue_nack(&self, tag: u64, requeue: bool, done: Option<oneshot::Sender<NackResult>>) {
+        {
+            let mut state = self.shared.lock();
+            state.tags.set(tag, Slot::NackQueued);
+            state.nacks.push(Nack { tag, requeue, done });
+        }
+        self.shared.wake.notify_one();
+    }
+
+    /// Sends a nack and waits for it; `None` if the worker is gone.
+    pub(crate) async fn nack(&self, tag: u64, requeue: bool) -> Option<NackResult> {
         let (done, answer) = oneshot::channel();
-        self.tx
-            .send(Command::Nack {
-                tag,
-                requeue,
-                done: Some(done),
-            })
-            .ok()?;
+        self.queue_nack(tag, requeue, Some(done));
         answer.await.ok()
     }
 
     /// Sends a nack without waiting (from `Drop`).
     pub(crate) fn nack_later(&self, tag: u64, requeue: bool) {
-        let _ = self.tx.send(Command::Nack {
-            tag,
-            requeue,
-            done: None,
-        });
+        self.queue_nack(tag, requeue, None);
     }
 }
 
-/// A weak handle to a channel's ack worker, for [`flush`](WeakAcks::flush).
-pub(crate) struct WeakAcks(
-    mpsc::WeakUnboundedSender<Command>,
-    tokio::sync::watch::Receiver<bool>,
-);
+type NackResult = Result<(), lapin::Error>;
+
+/// A handle to a channel's ack worker that does not keep it alive, for
+/// [`flush`](WeakAcks::flush).
+pub(crate) struct WeakAcks(Arc<Shared>);
 
 impl WeakAcks {
-    /// Sends the acks queued so far; `false` once the worker is gone. A
-    /// worker whose senders are all gone flushes what is left as it stops:
-    /// that is waited for too.
+    /// Sends the acks settled so far and waits until RabbitMQ has processed
+    /// them; `false` once the worker is gone (a stopping worker flushes
+    /// what is left first: that is waited for too).
     pub(crate) async fn flush(&self) -> bool {
-        let Some(tx) = self.0.upgrade() else {
-            let mut stopped = self.1.clone();
-            let _ = stopped.wait_for(|s| *s).await;
-            return false;
+        let sent = {
+            let mut state = self.0.lock();
+            if state.stopped {
+                return false;
+            }
+            if state.closed {
+                None
+            } else {
+                let (done, sent) = oneshot::channel();
+                state.flushes.push(done);
+                Some(sent)
+            }
         };
-        let (done, sent) = oneshot::channel();
-        if tx.send(Command::Flush(done)).is_err() {
-            return false;
+        match sent {
+            Some(sent) => {
+                self.0.wake.notify_one();
+                sent.await.is_ok()
+            }
+            None => {
+                // Stopping: wait until it has.
+                loop {
+                    let stopped = self.0.stopped.notified();
+                    if self.0.lock().stopped {
+                        return false;
+                    }
+                    stopped.await;
+                }
+            }
         }
-        drop(tx);
-        sent.await.is_ok()
-    }
-}
-
-/// The acknowledged run at the front: its last tag, and its length.
-fn acked_run(tags: &BTreeMap<u64, bool>) -> Option<(u64, usize)> {
-    let mut last = None;
-    let mut len = 0;
-    for (tag, acked) in tags {
-        if !acked {
-            break;
-        }
-        last = Some(*tag);
-        len += 1;
-    }
-    last.map(|tag| (tag, len))
-}
-
-async fn flush(channel: &Channel, tags: &mut BTreeMap<u64, bool>) {
-    let Some((last, _)) = acked_run(tags) else {
-        return;
-    };
-    let result = channel
-        .basic_ack(last, BasicAckOptions { multiple: true })
-        .await;
-    // Sent or not, these tags are done here: if the channel is gone,
-    // RabbitMQ redelivers them.
-    let rest = tags.split_off(&(last + 1));
-    *tags = rest;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, last, "coalesced ack failed; RabbitMQ redelivers those messages");
     }
 }
 
@@ -174,64 +293,82 @@ async fn barrier(channel: &Channel) {
     .await;
 }
 
-async fn worker(channel: Channel, mut rx: mpsc::UnboundedReceiver<Command>, batch: usize) {
-    // Delivery tag -> acknowledged yet.
-    let mut tags: BTreeMap<u64, bool> = BTreeMap::new();
-    let mut pending = false;
+async fn worker(shared: Arc<Shared>) {
+    let channel = &shared.channel;
+    let mut linger_until: Option<tokio::time::Instant> = None;
     loop {
-        let next = if pending {
-            match tokio::time::timeout(LINGER, rx.recv()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    flush(&channel, &mut tags).await;
-                    pending = false;
-                    continue;
-                }
+        let lingered = match linger_until {
+            Some(deadline) => tokio::select! {
+                _ = shared.wake.notified() => false,
+                _ = tokio::time::sleep_until(deadline) => true,
+            },
+            None => {
+                shared.wake.notified().await;
+                false
             }
-        } else {
-            rx.recv().await
         };
-        let Some(command) = next else {
-            // Every sender is gone: flush what is left and stop.
-            flush(&channel, &mut tags).await;
-            barrier(&channel).await;
-            return;
+        // Take the work under the lock; send it after, in order: nacks
+        // first (a run cannot pass a queued nack, so no ack covers them).
+        let (nacks, ack, flushes, closed) = {
+            let mut state = shared.lock();
+            let nacks = std::mem::take(&mut state.nacks);
+            for n in &nacks {
+                state.tags.set(n.tag, Slot::Done);
+            }
+            let flushes = std::mem::take(&mut state.flushes);
+            let closed = state.closed;
+            let min = if lingered || closed || !flushes.is_empty() {
+                1
+            } else {
+                shared.batch
+            };
+            let ack = state.tags.take_run(min);
+            state.armed = state.tags.run_acked > 0;
+            (nacks, ack, flushes, closed)
         };
-        match command {
-            Command::Delivered(tag) => {
-                tags.insert(tag, false);
-            }
-            Command::Ack(tag) => {
-                if let Some(acked) = tags.get_mut(&tag) {
-                    *acked = true;
-                    pending = true;
-                }
-                if acked_run(&tags).is_some_and(|(_, len)| len >= batch) {
-                    flush(&channel, &mut tags).await;
-                    pending = false;
-                }
-            }
-            Command::Flush(done) => {
-                flush(&channel, &mut tags).await;
-                barrier(&channel).await;
-                pending = false;
-                let _ = done.send(());
-            }
-            Command::Nack { tag, requeue, done } => {
-                flush(&channel, &mut tags).await;
-                tags.remove(&tag);
-                let options = BasicNackOptions {
-                    requeue,
-                    multiple: false,
-                };
-                let result = channel.basic_nack(tag, options).await;
-                if let Some(done) = done {
-                    let _ = done.send(result);
-                }
-                // Acks waiting behind this tag may form a run now.
-                pending = acked_run(&tags).is_some();
+        for n in nacks {
+            let options = BasicNackOptions {
+                requeue: n.requeue,
+                multiple: false,
+            };
+            let result = channel.basic_nack(n.tag, options).await;
+            if let Some(done) = n.done {
+                let _ = done.send(result);
             }
         }
+        if let Some(last) = ack {
+            // Sent or not, these tags are done here: if the channel is
+            // gone, RabbitMQ redelivers them.
+            if let Err(e) = channel
+                .basic_ack(last, BasicAckOptions { multiple: true })
+                .await
+            {
+                tracing::debug!(error = %e, last, "coalesced ack failed; RabbitMQ redelivers those messages");
+            }
+        }
+        if closed || !flushes.is_empty() {
+            barrier(channel).await;
+            for done in flushes {
+                let _ = done.send(());
+            }
+        }
+        if closed {
+            let mut state = shared.lock();
+            // Anything queued meanwhile is answered as failed (dropped).
+            state.nacks.clear();
+            state.flushes.clear();
+            state.stopped = true;
+            drop(state);
+            shared.stopped.notify_waiters();
+            return;
+        }
+        linger_until = if shared.lock().armed {
+            linger_until
+                .filter(|_| !lingered)
+                .or_else(|| Some(tokio::time::Instant::now() + LINGER))
+        } else {
+            None
+        };
     }
 }
 
@@ -240,10 +377,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_run_stops_at_the_first_tag_in_flight() {
-        let tags: BTreeMap<u64, bool> = [(1, true), (2, true), (3, false), (4, true)].into();
-        assert_eq!(acked_run(&tags), Some((2, 2)));
-        let tags: BTreeMap<u64, bool> = [(1, false), (2, true)].into();
-        assert_eq!(acked_run(&tags), None);
+    fn a_run_stops_at_the_first_tag_in_flight_or_queued_for_a_nack() {
+        let mut tags = Tags::new();
+        assert!(tags.set(1, Slot::Acked));
+        assert!(tags.set(2, Slot::Acked));
+        assert!(tags.set(4, Slot::Acked));
+        assert_eq!((tags.run, tags.run_acked), (2, 2));
+        assert_eq!(tags.take_run(3), None, "fewer acks than asked for");
+        assert_eq!(tags.take_run(1), Some(2));
+        assert!(!tags.set(2, Slot::Acked), "already sent");
+        assert!(tags.set(3, Slot::NackQueued));
+        assert_eq!(tags.take_run(1), None, "3 waits for its nack");
+        assert!(tags.set(3, Slot::Done));
+        assert_eq!((tags.run, tags.run_acked), (2, 1));
+        assert_eq!(tags.take_run(1), Some(4), "the run passes the nacked tag");
+        assert_eq!(tags.base, 5);
+    }
+
+    #[test]
+    fn a_run_of_nacked_tags_alone_is_dropped_without_an_ack() {
+        let mut tags = Tags::new();
+        tags.set(1, Slot::Done);
+        tags.set(2, Slot::Done);
+        assert_eq!(tags.take_run(64), None);
+        assert_eq!(tags.base, 3);
+        assert!(tags.slots.is_empty());
     }
 }

@@ -759,7 +759,6 @@ impl RabbitTransport {
             .saturating_add(earlier)
             .saturating_add(1);
         let envelope = Arc::new(envelope);
-        acks.delivered(d.delivery_tag);
         let settler = RabbitSettler {
             transport: self.clone(),
             acks: Some(acks.clone()),

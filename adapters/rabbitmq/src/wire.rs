@@ -96,10 +96,13 @@ pub(crate) fn encode(env: &Envelope, prior_attempts: u32) -> BasicProperties {
             headers.insert(k, long(v));
         }
     }
-    headers.insert(
-        header_names::SCHEMA_VERSION.into(),
-        long(&env.schema_version.to_string()),
-    );
+    // Version 1 is implied when the header is absent.
+    if env.schema_version != 1 {
+        headers.insert(
+            header_names::SCHEMA_VERSION.into(),
+            long(&env.schema_version.to_string()),
+        );
+    }
     if let Some(t) = rfc3339(env.occurred_at) {
         headers.insert(header_names::OCCURRED_AT.into(), long(&t));
     }
@@ -198,7 +201,7 @@ pub(crate) fn decode(props: &BasicProperties, payload: Vec<u8>) -> (Envelope, Co
     let correlation_id = prop(props.correlation_id(), names::CORRELATION_ID, &mut headers);
     let producer = prop(props.app_id(), names::PRODUCER, &mut headers);
     let reply_to = prop(props.reply_to(), names::REPLY_TO, &mut headers);
-    let mut env = Envelope::new(kind, Bytes::from(payload)).with_id(MessageId::from_wire(id));
+    let mut env = Envelope::decoded(MessageId::from_wire(id), kind, Bytes::from(payload));
     env.correlation_id = correlation_id;
     env.producer = producer;
     env.reply_to = reply_to;

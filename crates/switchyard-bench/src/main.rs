@@ -431,17 +431,26 @@ fn run_rabbit(args: &[String]) -> Result<(), String> {
             .find(|r| r.name.starts_with(prefix))
             .map_or(f64::NAN, |r| r.per_sec)
     };
-    let raw_publish = find("publish raw");
-    let raw_multi = find("consume raw lapin, multiple");
+    let raw_publish = find("publish raw lapin (");
+    let raw_multi = find("consume raw lapin, multiple-ack every");
+    let raw_publish_same = find("publish raw lapin, same");
+    let raw_multi_same = find("consume raw lapin, multiple-ack, same");
+    println!(
+        "{:<48} {:>10} {:>14} {:>17}",
+        "", "msg/s", "vs raw (bare)", "vs raw (same msgs)"
+    );
     for r in &rates {
-        let vs = if r.name.starts_with("publish") {
-            r.per_sec / raw_publish
+        let (bare, same) = if r.name.starts_with("publish") {
+            (raw_publish, raw_publish_same)
         } else {
-            r.per_sec / raw_multi
+            (raw_multi, raw_multi_same)
         };
         println!(
-            "{:<45} {:>10.0} msg/s   {:>5.2} of raw",
-            r.name, r.per_sec, vs
+            "{:<48} {:>10.0} {:>14.2} {:>17.2}",
+            r.name,
+            r.per_sec,
+            r.per_sec / bare,
+            r.per_sec / same
         );
     }
     Ok(())

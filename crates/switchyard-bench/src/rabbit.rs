@@ -54,12 +54,43 @@ async fn raw_connection(url: &str) -> Result<Connection, String> {
         .map_err(|e| format!("connect: {e}"))
 }
 
+/// The properties of a raw publish: bare (persistent, nothing else), or the
+/// same message switchyard sends (a unique id, the type, the time as a
+/// timestamp and an RFC 3339 header), as a hand-rolled producer that
+/// needs them would write them.
+fn raw_properties(same_messages: bool) -> BasicProperties {
+    let props = BasicProperties::default().with_delivery_mode(2);
+    if !same_messages {
+        return props;
+    }
+    let now = std::time::SystemTime::now();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "switchyard-occurred-at".into(),
+        AMQPValue::LongString(
+            humantime::format_rfc3339_millis(now)
+                .to_string()
+                .into_bytes()
+                .into(),
+        ),
+    );
+    props
+        .with_message_id(switchyard::MessageId::new().as_str().into())
+        .with_type(Tick::TYPE.into())
+        .with_timestamp(
+            now.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        )
+        .with_headers(headers)
+}
+
 /// Publishes `n` messages of `payload` bytes with confirms, `WINDOW` in flight.
 async fn raw_publish(
     conn: &Connection,
     queue: &str,
     n: u64,
     payload: &[u8],
+    same_messages: bool,
 ) -> Result<Duration, String> {
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
     ch.confirm_select(ConfirmSelectOptions::default())
@@ -84,7 +115,7 @@ async fn raw_publish(
                     ..Default::default()
                 },
                 payload,
-                BasicProperties::default().with_delivery_mode(2),
+                raw_properties(same_messages),
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -97,12 +128,14 @@ async fn raw_publish(
 }
 
 /// Consumes `n` messages, acking each (`batch` = 1) or every `batch`th
-/// with `multiple=true`.
+/// with `multiple=true`; with `same_messages`, also reads each message's id
+/// and type and decodes its JSON payload, as a hand-rolled consumer would.
 async fn raw_consume(
     conn: &Connection,
     queue: &str,
     n: u64,
     batch: u64,
+    same_messages: bool,
 ) -> Result<Duration, String> {
     let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
     ch.basic_qos(PREFETCH, BasicQosOptions::default())
@@ -124,6 +157,15 @@ async fn raw_consume(
             .await
             .ok_or("consumer ended")?
             .map_err(|e| e.to_string())?;
+        if same_messages {
+            let id = d.properties.message_id().as_ref().ok_or("no id")?;
+            let kind = d.properties.kind().as_ref().ok_or("no type")?;
+            if kind.as_str() != Tick::TYPE {
+                return Err(format!("unexpected type {kind} of {id}"));
+            }
+            let tick: Tick = serde_json::from_slice(&d.data).map_err(|e| e.to_string())?;
+            std::hint::black_box(tick);
+        }
         if batch == 1 {
             d.acker
                 .ack(BasicAckOptions::default())
@@ -227,17 +269,26 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
     let q = raw_queue("raw-each").await?;
     rates.push(Rate {
         name: "publish raw lapin (confirms, window 1024)",
-        per_sec: rate(raw_publish(&conn, &q, n, &payload).await?),
+        per_sec: rate(raw_publish(&conn, &q, n, &payload, false).await?),
     });
     rates.push(Rate {
         name: "consume raw lapin, ack each",
-        per_sec: rate(raw_consume(&conn, &q, n, 1).await?),
+        per_sec: rate(raw_consume(&conn, &q, n, 1, false).await?),
     });
     let q = raw_queue("raw-multi").await?;
-    raw_publish(&conn, &q, n, &payload).await?;
+    raw_publish(&conn, &q, n, &payload, false).await?;
     rates.push(Rate {
         name: "consume raw lapin, multiple-ack every 64",
-        per_sec: rate(raw_consume(&conn, &q, n, 64).await?),
+        per_sec: rate(raw_consume(&conn, &q, n, 64, false).await?),
+    });
+    let q = raw_queue("raw-same").await?;
+    rates.push(Rate {
+        name: "publish raw lapin, same messages",
+        per_sec: rate(raw_publish(&conn, &q, n, &payload, true).await?),
+    });
+    rates.push(Rate {
+        name: "consume raw lapin, multiple-ack, same messages",
+        per_sec: rate(raw_consume(&conn, &q, n, 64, true).await?),
     });
 
     let q = sy_queue("sy-bare").await?;
