@@ -160,8 +160,10 @@ pub(crate) struct Acks {
 impl Acks {
     /// Starts the worker that owns `channel`'s acknowledgements.
     pub(crate) fn spawn(channel: Channel, prefetch: usize) -> Acks {
-        let mut state = State::default();
-        state.tags = Tags::new();
+        let state = State {
+            tags: Tags::new(),
+            ..State::default()
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             wake: Notify::new(),
