@@ -53,7 +53,7 @@ impl NatsCoreTransport {
 }
 
 struct CoreSettler {
-    subject: String,
+    subject: Arc<str>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -71,7 +71,7 @@ impl Settler for CoreSettler {
                 "core NATS is at-most-once: the message is dropped"
             ),
         }
-        Box::pin(async { Ok(()) })
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 
@@ -155,10 +155,14 @@ impl Transport for NatsCoreTransport {
                 TransportError::new(TransportErrorKind::Connection, "flush failed").with_source(e)
             })?;
             let permits = Arc::new(Semaphore::new(options.prefetch.max(1)));
+            let subject: Arc<str> = subject.into();
+            // Boxed: `unfold` moves its state in and out of the future for
+            // every item.
             let stream = futures_util::stream::unfold(
-                (subscriber, permits, subject),
-                |(mut sub, permits, subject)| async move {
-                    let permit = Arc::clone(&permits)
+                Box::new((subscriber, permits, subject)),
+                |mut state| async move {
+                    let (sub, permits, subject) = &mut *state;
+                    let permit = Arc::clone(permits)
                         .acquire_owned()
                         .await
                         .expect("never closed");
@@ -166,13 +170,10 @@ impl Transport for NatsCoreTransport {
                     let envelope =
                         Arc::new(wire::decode(message.headers.as_ref(), message.payload));
                     let settler = CoreSettler {
-                        subject: subject.clone(),
+                        subject: Arc::clone(subject),
                         _permit: permit,
                     };
-                    Some((
-                        Ok(Delivery::new(envelope, 1, Box::new(settler))),
-                        (sub, permits, subject),
-                    ))
+                    Some((Ok(Delivery::new(envelope, 1, Box::new(settler))), state))
                 },
             );
             Ok(Box::pin(stream) as DeliveryStream)

@@ -231,6 +231,14 @@ pub(crate) async fn connect_client(
             )
         })?;
     }
+    // async-nats builds its TLS configuration with rustls' process-wide
+    // crypto provider, which rustls cannot pick by itself when another
+    // crate in the build (the AWS SDK) enables a second one: it would
+    // panic. Choose ring (what async-nats is built with) unless the
+    // application chose already.
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
     if config.tls.required {
         options = options.require_tls(true);
     }
@@ -541,7 +549,9 @@ impl NatsTransport {
         let prefetch = options.prefetch.max(1);
         let max_attempts = options.max_attempts;
         let messages = self.messages(queue, lease, prefetch, max_attempts).await?;
-        let state = Pull {
+        // Boxed: `unfold` moves its state in and out of the future for
+        // every item, and the pull stream is large.
+        let state = Box::new(Pull {
             transport: self.clone(),
             queue: queue.into(),
             lease,
@@ -551,7 +561,7 @@ impl NatsTransport {
             messages: Some(messages),
             pause: Duration::from_millis(100),
             alive: Arc::new(AtomicBool::new(true)),
-        };
+        });
         // Survives a lost server: an interrupted pull is reported once, then
         // re-created (with backoff) until the server answers again.
         let deliveries = futures_util::stream::unfold(state, |mut pull| async move {
@@ -730,9 +740,21 @@ impl NatsSettler {
 
 impl Settler for NatsSettler {
     fn settle(
-        self: Box<Self>,
+        mut self: Box<Self>,
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
+        // The common case in a small future of its own: the general one
+        // carries the dead-letter publish and is several times larger.
+        if matches!(settlement, Settlement::Ack) && !self.transport.inner.config.double_ack {
+            let acker = self.acker.take().expect("settled once");
+            let stale = (Instant::now() >= self.deadline).then(|| stale(&self.queue));
+            return Box::pin(async move {
+                match stale {
+                    Some(e) => Err(e),
+                    None => acker.ack().await.map_err(ack_error),
+                }
+            });
+        }
         Box::pin(self.settle_now(settlement))
     }
 

@@ -781,13 +781,15 @@ impl RabbitTransport {
         }
         let conn = self.live_conn().await?;
         let consumer = self.consume_on(&conn, source, prefetch).await?;
-        let state = Subscription {
+        // Boxed: `unfold` moves its state in and out of the future for
+        // every item.
+        let state = Box::new(Subscription {
             transport: self.clone(),
             source: source.into(),
             prefetch,
             generation: conn.generation,
             consumer: Some(consumer),
-        };
+        });
         // Survives connection loss: the stream reports the interruption
         // once, reconnects (with backoff, re-declaring), consumes again, and
         // carries on. Deliveries of the dead channel cannot be settled any

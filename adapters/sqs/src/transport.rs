@@ -850,7 +850,9 @@ impl SqsTransport {
             },
             self.inner.config.settle_linger,
         );
-        let state = Pull {
+        // Boxed: `unfold` moves its state in and out of the future for
+        // every item.
+        let state = Box::new(Pull {
             transport: self.clone(),
             source: source.into(),
             queue,
@@ -859,7 +861,7 @@ impl SqsTransport {
             permits: Arc::new(Semaphore::new(prefetch)),
             buffer: VecDeque::new(),
             pause: None,
-        };
+        });
         let deliveries = futures_util::stream::unfold(state, |mut pull| async move {
             loop {
                 if let Some(d) = pull.buffer.pop_front() {

@@ -380,8 +380,8 @@ impl BrokerRun {
     }
 
     /// Runs `workload` `runs` times on a worker of the bench's runtime (not
-    /// on the thread that blocks on it); each rate is the median of its runs.
-    fn measure<F, Fut>(&self, workload: F) -> Result<Vec<switchyard_bench::rabbit::Rate>, String>
+    /// on the thread that blocks on it).
+    fn measure<F, Fut>(&self, workload: F) -> Result<Measured, String>
     where
         F: Fn(String, u64, usize) -> Fut,
         Fut: std::future::Future<Output = Result<Vec<switchyard_bench::rabbit::Rate>, String>>
@@ -389,7 +389,7 @@ impl BrokerRun {
             + 'static,
     {
         let rt = runtime().map_err(|e| e.to_string())?;
-        let mut all: Vec<Vec<switchyard_bench::rabbit::Rate>> = Vec::new();
+        let mut runs: Vec<Vec<switchyard_bench::rabbit::Rate>> = Vec::new();
         for _ in 0..self.runs {
             let work = workload(self.url.clone(), self.messages, self.size);
             let rates =
@@ -398,59 +398,80 @@ impl BrokerRun {
                 let each: Vec<String> = rates.iter().map(|r| format!("{:.0}", r.per_sec)).collect();
                 eprintln!("run: {}", each.join(" "));
             }
-            all.push(rates);
+            runs.push(rates);
         }
-        let mut rates = all.pop().ok_or("no runs")?;
-        for (i, rate) in rates.iter_mut().enumerate() {
-            let mut each: Vec<f64> = all
-                .iter()
-                .filter_map(|r| r.get(i))
-                .map(|r| r.per_sec)
-                .collect();
-            each.push(rate.per_sec);
-            rate.per_sec = median(each);
-        }
-        Ok(rates)
+        Ok(Measured { runs })
+    }
+}
+
+/// Every run's rates, in the same order each time.
+struct Measured {
+    runs: Vec<Vec<switchyard_bench::rabbit::Rate>>,
+}
+
+impl Measured {
+    /// The workloads, each with the median of its rates.
+    fn rates(&self) -> Vec<(&'static str, f64)> {
+        let first = self.runs.first().map_or(&[][..], Vec::as_slice);
+        (0..first.len())
+            .map(|i| {
+                let each = self.runs.iter().filter_map(|r| r.get(i)).map(|r| r.per_sec);
+                (first[i].name, median(each.collect()))
+            })
+            .collect()
+    }
+
+    /// The median over runs of workload `a`'s rate over workload `b`'s in
+    /// the same run: steadier than a ratio of medians on a machine whose
+    /// speed drifts between runs.
+    fn ratio(&self, a: usize, b: usize) -> f64 {
+        let each = self
+            .runs
+            .iter()
+            .filter_map(|r| Some(r.get(a)?.per_sec / r.get(b)?.per_sec));
+        median(each.collect())
     }
 }
 
 /// Raw lapin and switchyard against the same RabbitMQ, in one run.
 fn run_rabbit(args: &[String]) -> Result<(), String> {
     let run = BrokerRun::parse(args, "amqp://guest:guest@127.0.0.1:5672/%2f")?;
-    let rates = run.measure(|url, messages, size| async move {
+    let measured = run.measure(|url, messages, size| async move {
         switchyard_bench::rabbit::run(&url, messages, size).await
     })?;
+    let rates = measured.rates();
     let BrokerRun { messages, size, .. } = run;
     println!(
-        "RabbitMQ: {messages} messages of {size} bytes, prefetch {}, 2 worker threads",
-        switchyard_bench::rabbit::PREFETCH
+        "RabbitMQ: {messages} messages of {size} bytes, prefetch {}, 2 worker threads, median of {} run(s); ratios are medians of each run's ratio",
+        switchyard_bench::rabbit::PREFETCH,
+        measured.runs.len()
     );
     let find = |prefix: &str| {
         rates
             .iter()
-            .find(|r| r.name.starts_with(prefix))
-            .map_or(f64::NAN, |r| r.per_sec)
+            .position(|(name, _)| name.starts_with(prefix))
+            .ok_or_else(|| format!("no workload {prefix:?}"))
     };
-    let raw_publish = find("publish raw lapin (");
-    let raw_multi = find("consume raw lapin, multiple-ack every");
-    let raw_publish_same = find("publish raw lapin, same");
-    let raw_multi_same = find("consume raw lapin, multiple-ack, same");
+    let raw_publish = find("publish raw lapin (")?;
+    let raw_multi = find("consume raw lapin, multiple-ack every")?;
+    let raw_publish_same = find("publish raw lapin, same")?;
+    let raw_multi_same = find("consume raw lapin, multiple-ack, same")?;
     println!(
         "{:<48} {:>10} {:>14} {:>17}",
         "", "msg/s", "vs raw (bare)", "vs raw (same msgs)"
     );
-    for r in &rates {
-        let (bare, same) = if r.name.starts_with("publish") {
+    for (i, (name, per_sec)) in rates.iter().enumerate() {
+        let (bare, same) = if name.starts_with("publish") {
             (raw_publish, raw_publish_same)
         } else {
             (raw_multi, raw_multi_same)
         };
         println!(
             "{:<48} {:>10.0} {:>14.2} {:>17.2}",
-            r.name,
-            r.per_sec,
-            r.per_sec / bare,
-            r.per_sec / same
+            name,
+            per_sec,
+            measured.ratio(i, bare),
+            measured.ratio(i, same)
         );
     }
     Ok(())
@@ -459,28 +480,30 @@ fn run_rabbit(args: &[String]) -> Result<(), String> {
 /// Raw async-nats and switchyard against the same NATS server, in one run.
 fn run_nats(args: &[String]) -> Result<(), String> {
     let run = BrokerRun::parse(args, "nats://127.0.0.1:4222")?;
-    let rates = run.measure(|url, messages, size| async move {
+    let measured = run.measure(|url, messages, size| async move {
         switchyard_bench::nats::run(&url, messages, size).await
     })?;
+    let rates = measured.rates();
     let BrokerRun { messages, size, .. } = run;
     println!(
-        "NATS: {messages} messages of {size} bytes, window {}, prefetch {}, 2 worker threads",
+        "NATS: {messages} messages of {size} bytes, window {}, prefetch {}, 2 worker threads, median of {} run(s); ratios are medians of each run's ratio",
         switchyard_bench::nats::WINDOW,
-        switchyard_bench::nats::PREFETCH
+        switchyard_bench::nats::PREFETCH,
+        measured.runs.len()
     );
     // Each group: raw bare, raw with the same messages, switchyard.
-    for group in rates.chunks(3) {
-        let [bare, same, ours] = group else {
+    for group in (0..rates.len()).collect::<Vec<_>>().chunks(3) {
+        let &[bare, same, ours] = group else {
             return Err("a workload group is incomplete".into());
         };
-        println!("{:<44} {:>10.0} msg/s", bare.name, bare.per_sec);
-        println!("{:<44} {:>10.0} msg/s", same.name, same.per_sec);
+        println!("{:<44} {:>10.0} msg/s", rates[bare].0, rates[bare].1);
+        println!("{:<44} {:>10.0} msg/s", rates[same].0, rates[same].1);
         println!(
             "{:<44} {:>10.0} msg/s   {:>5.2} of raw (same messages), {:>5.2} of raw (bare)",
-            ours.name,
-            ours.per_sec,
-            ours.per_sec / same.per_sec,
-            ours.per_sec / bare.per_sec
+            rates[ours].0,
+            rates[ours].1,
+            measured.ratio(ours, same),
+            measured.ratio(ours, bare)
         );
     }
     Ok(())

@@ -356,7 +356,17 @@ where
         // After a subscription error, pulling pauses briefly; in-flight work
         // keeps running meanwhile.
         let mut paused_until: Option<tokio::time::Instant> = None;
+        // Deliveries finished in a row without this task yielding.
+        let mut in_a_row = 0u32;
         loop {
+            if in_a_row >= YIELD_EVERY {
+                // Let the tasks this one woke run: an adapter's settlement
+                // worker woken from here waits on this thread until this
+                // task yields, and while deliveries keep arriving it would
+                // not (the broker then stalls, waiting for those acks).
+                in_a_row = 0;
+                tokio::task::yield_now().await;
+            }
             let room = in_flight.len() < concurrency && paused_until.is_none();
             let pull = async {
                 // Reserve room in the pipeline before taking a message off the broker.
@@ -368,7 +378,15 @@ where
                 biased;
                 _ = &mut shutdown => break,
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)), if paused_until.is_some() => {
+                // An async block, so that the clock is not read and no timer
+                // is built on every turn while not paused (select! builds
+                // every branch's future, disabled or not).
+                _ = async {
+                    match paused_until {
+                        Some(until) => tokio::time::sleep_until(until).await,
+                        None => std::future::pending().await,
+                    }
+                }, if paused_until.is_some() => {
                     paused_until = None;
                 }
                 pulled = pull, if room => match pulled {
@@ -383,7 +401,15 @@ where
                     Ok(Some(Ok(delivery))) => {
                         ConsumerStats::bump(&shared.stats.received);
                         let job = Job::start(delivery, &mut service, &shared);
-                        in_flight.push(Box::pin(job.finish(Arc::clone(&shared))));
+                        let mut job: BoxFuture<'static, ()> = Box::pin(job.finish(Arc::clone(&shared)));
+                        // Most deliveries are done on their first poll (a
+                        // handler that does not wait, settlement queued):
+                        // only the others are tracked.
+                        if futures_util::poll!(job.as_mut()).is_pending() {
+                            in_flight.push(job);
+                        } else {
+                            in_a_row += 1;
+                        }
                     }
                     Ok(Some(Err(e))) if e.kind() == TransportErrorKind::Closed => {
                         failure = Some(e);
@@ -449,6 +475,9 @@ where
         }
     }
 }
+
+/// Deliveries the run loop finishes in a row before it yields.
+const YIELD_EVERY: u32 = 16;
 
 /// How long releasing in-flight deliveries may take after the drain timeout.
 const RELEASE_GRACE: Duration = Duration::from_secs(10);
