@@ -3,8 +3,8 @@
 //! run of settled delivery tags. The per-ack round trip is the throughput
 //! limit of a RabbitMQ consumer.
 //!
-//! Rules: a run is flushed once it holds [`BATCH`] acks (or half the
-//! prefetch), after [`LINGER`] without reaching that, and whenever a flush
+//! Rules: a run is flushed once it holds [`BATCH`] acks (or a quarter of
+//! the prefetch), after [`LINGER`] without reaching that, and whenever a flush
 //! is asked for; a tag still in flight ends the run, so a nack or
 //! dead-letter in the middle never acks the deliveries after it, and a nack
 //! is sent before any ack that covers its position. An ack not yet flushed
@@ -22,9 +22,10 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::Channel;
 use tokio::sync::{oneshot, Notify};
 
-/// Most acks sent as one (or half the prefetch, if smaller: the broker
-/// sends no more while the prefetch is used up, so waiting for a full
-/// prefetch's worth would stall it).
+/// Most acks sent as one (or a quarter of the prefetch, if smaller: the
+/// broker sends no more while the prefetch is used up, so the acks must
+/// reach it well before; a full prefetch's worth would stall it for a
+/// round trip each time).
 pub(crate) const BATCH: usize = 64;
 /// How long a shorter run may wait for more.
 pub(crate) const LINGER: Duration = Duration::from_millis(5);
@@ -169,7 +170,7 @@ impl Acks {
             wake: Notify::new(),
             stopped: Notify::new(),
             channel,
-            batch: BATCH.min((prefetch / 2).max(1)),
+            batch: BATCH.min((prefetch / 4).max(1)),
         });
         tokio::spawn(worker(Arc::clone(&shared)));
         Acks {

@@ -203,23 +203,9 @@ impl Envelope {
     /// An envelope with a fresh id, the current time, schema version 1 and
     /// the given type and payload; every optional field empty.
     pub fn new(kind: impl Into<String>, payload: impl Into<Bytes>) -> Self {
-        Envelope {
-            id: MessageId::new(),
-            kind: kind.into(),
-            schema_version: 1,
-            occurred_at: SystemTime::now(),
-            correlation_id: None,
-            causation_id: None,
-            producer: None,
-            partition_key: None,
-            tenant: None,
-            deadline: None,
-            reply_to: None,
-            trace: TraceContext::default(),
-            content_type: None,
-            headers: Headers::new(),
-            payload: payload.into(),
-        }
+        let mut env = Envelope::decoded(MessageId::new(), kind.into(), payload.into());
+        env.occurred_at = SystemTime::now();
+        env
     }
 
     /// An envelope read off the wire: the given id, type and payload,
