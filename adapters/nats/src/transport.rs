@@ -76,9 +76,12 @@ impl NatsConfig {
     }
 
     /// The most unacknowledged messages the server lets the durable
-    /// consumer of a queue have out, across all its subscribers. By
-    /// default, four times the prefetch (concurrency) of the subscriber
-    /// that creates it: room for four such subscribers. An existing
+    /// consumer of a queue have out, across all its subscribers, including
+    /// messages waiting out a retry delay (a nak with delay stays pending).
+    /// By default sixteen times the prefetch (concurrency) of the
+    /// subscriber that creates it, and at least 1,000 (the server's own
+    /// default): room for several subscribers and for messages in backoff,
+    /// which would otherwise stall the queue during an outage. An existing
     /// consumer keeps its value.
     pub fn max_ack_pending(mut self, n: i64) -> Self {
         self.max_ack_pending = Some(n);
@@ -462,11 +465,9 @@ impl NatsTransport {
             .max_deliver
             .or(budget.map(|b| b + 49))
             .unwrap_or(-1);
-        let max_ack_pending = self
-            .inner
-            .config
-            .max_ack_pending
-            .unwrap_or_else(|| i64::try_from(prefetch.saturating_mul(4)).unwrap_or(i64::MAX));
+        let max_ack_pending = self.inner.config.max_ack_pending.unwrap_or_else(|| {
+            i64::try_from(prefetch.saturating_mul(16).max(1000)).unwrap_or(i64::MAX)
+        });
         let stream = self
             .inner
             .js
@@ -584,7 +585,15 @@ impl NatsTransport {
                         Err(e) => {
                             tokio::time::sleep(pull.pause).await;
                             pull.pause = (pull.pause * 2).min(Duration::from_secs(5));
-                            tracing::debug!(queue = %pull.queue, error = %e, "cannot consume yet");
+                            if matches!(
+                                e.kind(),
+                                TransportErrorKind::Config | TransportErrorKind::NotFound
+                            ) {
+                                // Not the server being away: someone must act.
+                                tracing::warn!(queue = %pull.queue, error = %e, "cannot consume; retrying");
+                            } else {
+                                tracing::debug!(queue = %pull.queue, error = %e, "cannot consume yet");
+                            }
                         }
                     }
                     continue;

@@ -182,6 +182,11 @@ pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes) -> Envelope {
                 }
                 continue;
             }
+            // JetStream's own control headers (`Nats-Expected-Stream`,
+            // `Nats-Rollup`, `Nats-TTL`, ...) a producer set: not part of
+            // the message, and harmful if passed on with a dead-letter or
+            // a republish.
+            _ if name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-") => continue,
             _ => {
                 others.insert(name, v);
                 continue;
@@ -189,7 +194,11 @@ pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes) -> Envelope {
         };
         *field = Some(v.to_owned());
     }
-    if let Some(id) = id.or(msg_id) {
+    // `switchyard-id` carries the id only for a replay (whose `Nats-Msg-Id`
+    // is made unique); otherwise `Nats-Msg-Id` is the id.
+    let replay = others.get(header_names::REPLAYED_AT).is_some();
+    let id = if replay { id.or(msg_id) } else { msg_id.or(id) };
+    if let Some(id) = id {
         env.id = MessageId::from_wire(id);
     }
     env.headers = others;
@@ -282,5 +291,23 @@ mod tests {
             env.headers.get(header_names::OCCURRED_AT),
             Some("yesterday")
         );
+    }
+
+    #[test]
+    fn jetstream_control_headers_are_not_carried_into_the_envelope() {
+        let mut h = HeaderMap::new();
+        h.insert(NATS_MESSAGE_ID, "m-1");
+        h.insert("Nats-Expected-Stream", "elsewhere");
+        h.insert("Nats-Rollup", "all");
+        h.insert(ID, "forged");
+        h.insert("x-kept", "v");
+        let env = decode(Some(&h), Bytes::new());
+        assert_eq!(
+            env.id.as_str(),
+            "m-1",
+            "switchyard-id counts only for replays"
+        );
+        assert_eq!(env.headers.get("x-kept"), Some("v"));
+        assert!(env.headers.iter().all(|(k, _)| !k.starts_with("Nats-")));
     }
 }

@@ -151,13 +151,16 @@ async fn the_durable_consumer_gets_limits_from_the_subscriber_and_a_too_low_max_
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     let t = NatsTransport::connect(NatsConfig::new(&url)).await.unwrap();
 
-    // Created by a subscriber with concurrency 8 and 3 attempts.
+    // Created by a subscriber with concurrency 100 and 3 attempts.
     let q = format!("sy-test-limits-{}", std::process::id());
     t.declare(&Topology::new().queue(QueueSpec::new(&q)))
         .await
         .unwrap();
     let deliveries = t
-        .subscribe(&q, SubscribeOptions::default().prefetch(8).max_attempts(3))
+        .subscribe(
+            &q,
+            SubscribeOptions::default().prefetch(100).max_attempts(3),
+        )
         .await
         .unwrap();
     let stream = js.get_stream(&q).await.unwrap();
@@ -168,7 +171,10 @@ async fn the_durable_consumer_gets_limits_from_the_subscriber_and_a_too_low_max_
     let config = consumer.info().await.unwrap().config.clone();
     drop(deliveries);
     remove_stream(&js, &q).await;
-    assert_eq!(config.max_ack_pending, 32, "four times the concurrency");
+    assert_eq!(
+        config.max_ack_pending, 1600,
+        "sixteen times the concurrency"
+    );
     assert_eq!(
         config.max_deliver,
         2 * 3 + 1 + 49,

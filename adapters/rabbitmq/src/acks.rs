@@ -179,9 +179,9 @@ impl Acks {
         }
     }
 
-    /// A handle that does not keep the worker alive.
+    /// A handle that does not keep the worker (or its channel) alive.
     pub(crate) fn downgrade(&self) -> WeakAcks {
-        WeakAcks(Arc::clone(&self.shared))
+        WeakAcks(Arc::downgrade(&self.shared))
     }
 
     /// Queues an ack; `false` if the channel is closed (the broker
@@ -192,7 +192,7 @@ impl Acks {
         }
         let wake = {
             let mut state = self.shared.lock();
-            if !state.tags.set(tag, Slot::Acked) {
+            if state.stopped || !state.tags.set(tag, Slot::Acked) {
                 return false;
             }
             if state.tags.run_acked >= self.shared.batch {
@@ -214,6 +214,10 @@ impl Acks {
     fn queue_nack(&self, tag: u64, requeue: bool, done: Option<oneshot::Sender<NackResult>>) {
         {
             let mut state = self.shared.lock();
+            if state.stopped {
+                // Dropping `done` answers the waiter with `None`.
+                return;
+            }
             state.tags.set(tag, Slot::NackQueued);
             state.nacks.push(Nack { tag, requeue, done });
         }
@@ -237,15 +241,19 @@ type NackResult = Result<(), lapin::Error>;
 
 /// A handle to a channel's ack worker that does not keep it alive, for
 /// [`flush`](WeakAcks::flush).
-pub(crate) struct WeakAcks(Arc<Shared>);
+pub(crate) struct WeakAcks(std::sync::Weak<Shared>);
 
 impl WeakAcks {
     /// Sends the acks settled so far and waits until RabbitMQ has processed
     /// them; `false` once the worker is gone (a stopping worker flushes
     /// what is left first: that is waited for too).
     pub(crate) async fn flush(&self) -> bool {
+        // Gone once the worker has finished and every settler is dropped.
+        let Some(shared) = self.0.upgrade() else {
+            return false;
+        };
         let sent = {
-            let mut state = self.0.lock();
+            let mut state = shared.lock();
             if state.stopped {
                 return false;
             }
@@ -259,14 +267,14 @@ impl WeakAcks {
         };
         match sent {
             Some(sent) => {
-                self.0.wake.notify_one();
+                shared.wake.notify_one();
                 sent.await.is_ok()
             }
             None => {
                 // Stopping: wait until it has.
                 loop {
-                    let stopped = self.0.stopped.notified();
-                    if self.0.lock().stopped {
+                    let stopped = shared.stopped.notified();
+                    if shared.lock().stopped {
                         return false;
                     }
                     stopped.await;
@@ -296,7 +304,26 @@ async fn barrier(channel: &Channel) {
     .await;
 }
 
+/// Marks the worker stopped however it ends (returned, panicked, or
+/// dropped with its runtime): queued nacks and flushes are answered (their
+/// senders dropped), and later acks and nacks report the worker gone
+/// instead of waiting for it.
+struct Stopped(Arc<Shared>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        {
+            let mut state = self.0.lock();
+            state.nacks.clear();
+            state.flushes.clear();
+            state.stopped = true;
+        }
+        self.0.stopped.notify_waiters();
+    }
+}
+
 async fn worker(shared: Arc<Shared>) {
+    let _stopped = Stopped(Arc::clone(&shared));
     let channel = &shared.channel;
     let mut linger_until: Option<tokio::time::Instant> = None;
     loop {
@@ -356,13 +383,7 @@ async fn worker(shared: Arc<Shared>) {
             }
         }
         if closed {
-            let mut state = shared.lock();
-            // Anything queued meanwhile is answered as failed (dropped).
-            state.nacks.clear();
-            state.flushes.clear();
-            state.stopped = true;
-            drop(state);
-            shared.stopped.notify_waiters();
+            // `Stopped` answers anything queued meanwhile.
             return;
         }
         linger_until = if shared.lock().armed {

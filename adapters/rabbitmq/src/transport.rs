@@ -910,21 +910,37 @@ impl RabbitSettler {
     }
 
     async fn settle_now(mut self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
-        let acks = self.acks.take().expect("settled once");
+        // The handle stays in `self` until the final ack or nack is queued:
+        // if this future is dropped while it publishes to a delay tier or
+        // the dead-letter queue, `Drop` gives the delivery back, rather
+        // than leaving its tag unsettled (which would hold back every
+        // later ack of the channel). `done` takes it out right before the
+        // final call, which queues its frame at once.
+        let acks = self.acks.clone().expect("settled once");
         let (tag, source) = (self.tag, Arc::clone(&self.source));
+        let done = |settler: &mut Self| settler.acks = None;
         match settlement {
-            Settlement::Ack => Self::ack(&acks, tag, &source),
-            Settlement::Release => Self::requeue(&acks, tag, &source).await,
+            Settlement::Ack => {
+                done(&mut self);
+                Self::ack(&acks, tag, &source)
+            }
+            Settlement::Release => {
+                done(&mut self);
+                Self::requeue(&acks, tag, &source).await
+            }
             Settlement::Retry { delay } if delay.is_zero() => {
+                done(&mut self);
                 Self::requeue(&acks, tag, &source).await
             }
             Settlement::Retry { delay } => {
                 // Into the tier first (confirmed), then off the source: a
                 // crash in between leaves a duplicate, never a loss.
                 if let Err(e) = self.to_delay_tier(&source, delay).await {
+                    done(&mut self);
                     let _ = Self::requeue(&acks, tag, &source).await;
                     return Err(e);
                 }
+                done(&mut self);
                 Self::ack(&acks, tag, &source)
             }
             Settlement::DeadLetter {
@@ -947,7 +963,9 @@ impl RabbitSettler {
                     // once: requeued, it would come straight back and fail
                     // again in a tight loop while the dead-letter queue
                     // cannot take it.
-                    match self.to_delay_tier(&source, DEAD_LETTER_BACKOFF).await {
+                    let held = self.to_delay_tier(&source, DEAD_LETTER_BACKOFF).await;
+                    done(&mut self);
+                    match held {
                         Ok(()) => {
                             let _ = Self::ack(&acks, tag, &source);
                         }
@@ -957,6 +975,7 @@ impl RabbitSettler {
                     }
                     return Err(e);
                 }
+                done(&mut self);
                 Self::ack(&acks, tag, &source)
             }
         }

@@ -240,8 +240,8 @@ pub struct TransportConfig {
     /// jetstream, nats: an NKey seed (`SU...`) to authenticate with.
     #[serde(default)]
     pub nkey_seed: Option<Secret>,
-    /// jetstream: the durable consumer's `max_ack_pending` (default four
-    /// times the consumer's concurrency).
+    /// jetstream: the durable consumer's `max_ack_pending` (default
+    /// sixteen times the consumer's concurrency, at least 1,000).
     #[serde(default)]
     pub max_ack_pending: Option<i64>,
     /// jetstream: the durable consumer's `max_deliver` (default
