@@ -482,3 +482,68 @@ async fn amqps_connects_through_tls_and_verifies_the_broker_certificate() {
     assert_eq!(&d.envelope().payload[..], b"over tls");
     d.ack().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_abandoned_mid_publish_gives_the_delivery_back_and_later_acks_still_flow() {
+    let t = connect().await;
+    let q = queue(&t, "abandoned").await;
+    for n in ["first", "second"] {
+        t.publish(&q, Envelope::new("t", n)).await.unwrap();
+    }
+    let mut s = t
+        .subscribe(&q, SubscribeOptions::default().prefetch(4))
+        .await
+        .unwrap();
+    let first = next_delivery(&mut s).await;
+    let second = next_delivery(&mut s).await;
+    assert_eq!(&first.envelope().payload[..], b"first");
+    // The retry publishes to a delay tier and waits for its confirm; the
+    // caller gives up (drops the future) before the confirm arrives.
+    let abandoned = tokio::time::timeout(
+        Duration::from_nanos(1),
+        first.settle(Settlement::Retry {
+            delay: Duration::from_secs(1),
+        }),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the settlement was still publishing");
+    // The ack after it must not be held back behind the abandoned tag.
+    second.ack().await.unwrap();
+    t.flush().await.unwrap();
+    // The first comes back: given back at once, and through the delay tier
+    // too if its publish had gone through (at least once, deduplicated
+    // downstream). The second, acknowledged, never does: not on this
+    // subscription, and not on a new one after this one is gone (which
+    // would get back whatever the first still held unacknowledged).
+    let mut seen = Vec::new();
+    let drain = |s: switchyard_core::DeliveryStream| async move {
+        let mut s = s;
+        let mut got = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(3), s.next()).await {
+            let d = d.unwrap();
+            got.push(String::from_utf8(d.envelope().payload.to_vec()).unwrap());
+            d.ack().await.unwrap();
+        }
+        got
+    };
+    seen.extend(drain(s).await);
+    t.flush().await.unwrap();
+    let s2 = t.subscribe(&q, SubscribeOptions::default()).await.unwrap();
+    seen.extend(drain(s2).await);
+    assert!(
+        seen.iter().any(|p| p == "first"),
+        "the first came back: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|p| p == "first"),
+        "the acknowledged second was delivered again: {seen:?}"
+    );
+}
+
+async fn next_delivery(s: &mut switchyard_core::DeliveryStream) -> switchyard_core::Delivery {
+    tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .expect("a delivery")
+        .unwrap()
+        .unwrap()
+}
