@@ -32,7 +32,9 @@ enum Raw {
     /// The same messages switchyard sends: the payload plus what a
     /// hand-rolled producer needs to match it (a unique id as `Nats-Msg-Id`
     /// so the server drops duplicates, the type, the time); the consumer
-    /// reads the id and type and decodes the JSON payload.
+    /// reads the id and type and decodes the JSON payload. Both raw
+    /// consumers pull with switchyard's settings (2 s expiry, 1 s
+    /// heartbeats).
     SameMessages,
 }
 
@@ -116,9 +118,15 @@ async fn raw_js_consume(
         )
         .await
         .map_err(|e| e.to_string())?;
+    // The pull settings switchyard uses (heartbeats are required of it,
+    // and async-nats re-arms a timer per message for them). With
+    // async-nats' defaults (30 s requests, no heartbeat) the raw consumer
+    // also stalled for about 30 s in some runs.
     let mut messages = consumer
         .stream()
         .max_messages_per_batch(PREFETCH)
+        .expires(Duration::from_secs(2))
+        .heartbeat(Duration::from_secs(1))
         .messages()
         .await
         .map_err(|e| e.to_string())?;
