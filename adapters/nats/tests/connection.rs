@@ -2,9 +2,6 @@
 //! durable consumer's limits. TLS and authentication use private
 //! nats-servers on ports of their own; the limits use the shared server.
 
-use std::time::Duration;
-
-use futures_util::StreamExt;
 use switchyard_core::{
     Envelope, QueueSpec, SubscribeOptions, Topology, Transport, TransportErrorKind,
 };
@@ -32,11 +29,7 @@ async fn round_trip(t: &NatsTransport, queue: &str) {
         .subscribe(queue, SubscribeOptions::default())
         .await
         .unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
-        .await
-        .expect("a delivery")
-        .unwrap()
-        .unwrap();
+    let d = switchyard_testkit::next_delivery(&mut deliveries).await;
     assert_eq!(&d.envelope().payload[..], b"hello");
     d.ack().await.unwrap();
 }

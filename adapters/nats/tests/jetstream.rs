@@ -98,16 +98,8 @@ async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts() {
     t.declare(&Topology::new().queue(QueueSpec::new(&q)))
         .await
         .unwrap();
-    let calls = Arc::new(AtomicU32::new(0));
-    let router = Router::builder()
-        .route({
-            let calls = Arc::clone(&calls);
-            move |_: Job, _: Context| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { Err::<(), _>(HandleError::transient("still broken")) }
-            }
-        })
-        .build();
+    let (router, calls) =
+        switchyard_testkit::failing_router::<Job>(|| HandleError::transient("still broken"));
     let stack = switchyard_core::middleware::Stack::new()
         .retry_policy(switchyard_core::middleware::retry::ExponentialBackoff::new(
             Duration::from_millis(10),

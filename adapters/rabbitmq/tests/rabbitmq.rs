@@ -1,6 +1,6 @@
 //! Behaviour specific to RabbitMQ, against the broker on 127.0.0.1:5672.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,7 @@ use switchyard_core::{
     Settlement, SubscribeOptions, TopicSpec, Topology, Transport, TransportErrorKind,
 };
 use switchyard_rabbitmq::{RabbitConfig, RabbitTransport};
+use switchyard_testkit::{failing_router, next_delivery};
 
 fn url() -> String {
     std::env::var("SWITCHYARD_TEST_AMQP_URL")
@@ -73,11 +74,7 @@ async fn a_delay_is_rounded_up_to_its_tier_and_never_shortened() {
         })
         .await
         .unwrap();
-    let again = tokio::time::timeout(Duration::from_secs(10), s.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let again = next_delivery(&mut s).await;
     let waited = settled.elapsed();
     assert!(
         waited >= Duration::from_secs(2),
@@ -106,16 +103,7 @@ async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts_with_heade
     .await
     .unwrap();
     let q = queue(&t, "poison").await;
-    let calls = Arc::new(AtomicU32::new(0));
-    let router = switchyard_core::Router::builder()
-        .route({
-            let calls = Arc::clone(&calls);
-            move |_: Poison, _: Context| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { Err::<(), _>(HandleError::transient("still broken")) }
-            }
-        })
-        .build();
+    let (router, calls) = failing_router::<Poison>(|| HandleError::transient("still broken"));
     let consumer = Consumer::builder(t.clone(), q.clone())
         .max_attempts(4)
         .serve_default(router)
@@ -375,11 +363,7 @@ async fn returns_are_attributed_to_their_own_publish_among_many_in_flight() {
         .unwrap();
     let mut got = 0;
     while got < 540 {
-        let d = tokio::time::timeout(Duration::from_secs(10), s.next())
-            .await
-            .expect("every routed message")
-            .unwrap()
-            .unwrap();
+        let d = next_delivery(&mut s).await;
         assert!(routed.contains(&d.envelope().id));
         d.ack().await.unwrap();
         got += 1;
@@ -401,16 +385,7 @@ async fn a_dead_letter_queue_that_is_gone_holds_the_message_back_instead_of_spin
     )
     .await
     .unwrap();
-    let calls = Arc::new(AtomicU32::new(0));
-    let router = switchyard_core::Router::builder()
-        .route({
-            let calls = Arc::clone(&calls);
-            move |_: Poison, _: Context| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { Err::<(), _>(HandleError::permanent("bad data")) }
-            }
-        })
-        .build();
+    let (router, _) = failing_router::<Poison>(|| HandleError::permanent("bad data"));
     let consumer = Consumer::builder(t.clone(), q.clone())
         .max_attempts(3)
         .serve_default(router)
@@ -474,11 +449,7 @@ async fn amqps_connects_through_tls_and_verifies_the_broker_certificate() {
     let q = queue(&t, "tls").await;
     t.publish(&q, Envelope::new("t", "over tls")).await.unwrap();
     let mut deliveries = t.subscribe(&q, SubscribeOptions::default()).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
-        .await
-        .expect("a delivery over TLS")
-        .unwrap()
-        .unwrap();
+    let d = next_delivery(&mut deliveries).await;
     assert_eq!(&d.envelope().payload[..], b"over tls");
     d.ack().await.unwrap();
 }
@@ -538,12 +509,4 @@ async fn a_settlement_abandoned_mid_publish_gives_the_delivery_back_and_later_ac
         seen.iter().all(|p| p == "first"),
         "the acknowledged second was delivered again: {seen:?}"
     );
-}
-
-async fn next_delivery(s: &mut switchyard_core::DeliveryStream) -> switchyard_core::Delivery {
-    tokio::time::timeout(Duration::from_secs(10), s.next())
-        .await
-        .expect("a delivery")
-        .unwrap()
-        .unwrap()
 }

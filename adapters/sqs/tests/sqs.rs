@@ -221,16 +221,8 @@ async fn a_retry_hides_the_message_for_its_delay_through_visibility() {
 async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts_with_its_metadata() {
     let t = common::connect(common::config()).await;
     let q = queue(&t, QueueSpec::new(common::unique("poison"))).await;
-    let calls = Arc::new(AtomicU32::new(0));
-    let router = switchyard_core::Router::builder()
-        .route({
-            let calls = Arc::clone(&calls);
-            move |_: Job, _: Context| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { Err::<(), _>(HandleError::transient("still broken")) }
-            }
-        })
-        .build();
+    let (router, calls) =
+        switchyard_testkit::failing_router::<Job>(|| HandleError::transient("still broken"));
     let consumer = Consumer::builder(t.clone(), q.clone())
         .max_attempts(3)
         .serve_default(router)

@@ -29,8 +29,10 @@
 
 pub mod conformance;
 pub mod fault_proxy;
+pub mod support;
 pub mod tls;
 
 pub use conformance::{run_case, run_conformance, Case, CaseResult, Harness, Report, SuiteConfig};
 pub use fault_proxy::FaultProxy;
+pub use support::{failing_router, next_delivery};
 pub use tls::{TestCertificates, TlsProxy};
