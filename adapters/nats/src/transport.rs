@@ -703,47 +703,42 @@ impl NatsSettler {
         AckKind::Nak((!delay.is_zero()).then_some(delay))
     }
 
-    async fn settle_now(mut self: Box<Self>, settlement: Settlement) -> Result<(), TransportError> {
-        let acker = self.acker.take().expect("settled once");
-        // Past its lease the server has handed it out again: acking now
-        // would remove the copy someone else holds.
+    /// `StaleDelivery` once the lease has run out: the server has handed
+    /// the message out again, and acting on it now would act on the copy
+    /// someone else holds.
+    fn fresh(&self) -> Result<(), TransportError> {
         if Instant::now() >= self.deadline {
-            return Err(stale(&self.queue));
+            Err(stale(&self.queue))
+        } else {
+            Ok(())
         }
-        match settlement {
-            Settlement::Ack if self.transport.inner.config.double_ack => {
-                acker.double_ack().await.map_err(ack_error)
-            }
-            Settlement::Ack => acker.ack().await.map_err(ack_error),
-            Settlement::Retry { delay } => acker.ack_with(self.nak(delay)).await.map_err(ack_error),
-            Settlement::Release => acker
-                .ack_with(self.nak(Duration::ZERO))
-                .await
-                .map_err(ack_error),
-            Settlement::DeadLetter {
-                reason,
-                detail,
-                attempts,
-            } => {
-                let (dlq, _) = self.transport.queue_info(&self.queue);
-                let mut envelope = Envelope::clone(&self.envelope);
-                DeadLetterInfo {
-                    reason,
-                    detail,
-                    attempts,
-                    source: self.queue.to_string(),
-                    at: SystemTime::now(),
-                }
-                .write_to(&mut envelope.headers);
-                if let Err(e) = self.transport.publish_to(&dlq, &envelope).await {
-                    // Back after a pause, not at once: it would fail again
-                    // in a tight loop while the dead-letter stream refuses it.
-                    let _ = acker.ack_with(self.nak(Duration::from_secs(5))).await;
-                    return Err(e);
-                }
-                acker.ack_with(AckKind::Term).await.map_err(ack_error)
-            }
+    }
+
+    /// Publishes to the dead-letter stream (PubAck awaited), then terms.
+    async fn dead_letter(
+        self: Box<Self>,
+        acker: Acker,
+        reason: switchyard_core::DeadLetterReason,
+        detail: String,
+        attempts: u32,
+    ) -> Result<(), TransportError> {
+        let (dlq, _) = self.transport.queue_info(&self.queue);
+        let mut envelope = Envelope::clone(&self.envelope);
+        DeadLetterInfo {
+            reason,
+            detail,
+            attempts,
+            source: self.queue.to_string(),
+            at: SystemTime::now(),
         }
+        .write_to(&mut envelope.headers);
+        if let Err(e) = self.transport.publish_to(&dlq, &envelope).await {
+            // Back after a pause, not at once: it would fail again in a
+            // tight loop while the dead-letter stream refuses it.
+            let _ = acker.ack_with(self.nak(Duration::from_secs(5))).await;
+            return Err(e);
+        }
+        acker.ack_with(AckKind::Term).await.map_err(ack_error)
     }
 }
 
@@ -752,26 +747,43 @@ impl Settler for NatsSettler {
         mut self: Box<Self>,
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
-        // The common case in a small future of its own: the general one
-        // carries the dead-letter publish and is several times larger.
-        if matches!(settlement, Settlement::Ack) && !self.transport.inner.config.double_ack {
-            let acker = self.acker.take().expect("settled once");
-            let stale = (Instant::now() >= self.deadline).then(|| stale(&self.queue));
-            return Box::pin(async move {
-                match stale {
-                    Some(e) => Err(e),
-                    None => acker.ack().await.map_err(ack_error),
-                }
-            });
+        let acker = self.acker.take().expect("settled once");
+        if let Err(e) = self.fresh() {
+            return Box::pin(std::future::ready(Err(e)));
         }
-        Box::pin(self.settle_now(settlement))
+        // Each kind in a future of its own: the dead-letter one carries a
+        // publish and is several times larger than the others. Each keeps
+        // the settler (and its prefetch permit) until the ack is sent.
+        let kind = match settlement {
+            Settlement::Ack if self.transport.inner.config.double_ack => {
+                return Box::pin(async move {
+                    let _settling = self;
+                    acker.double_ack().await.map_err(ack_error)
+                });
+            }
+            Settlement::Ack => {
+                return Box::pin(async move {
+                    let _settling = self;
+                    acker.ack().await.map_err(ack_error)
+                });
+            }
+            Settlement::Retry { delay } => self.nak(delay),
+            Settlement::Release => self.nak(Duration::ZERO),
+            Settlement::DeadLetter {
+                reason,
+                detail,
+                attempts,
+            } => return Box::pin(self.dead_letter(acker, reason, detail, attempts)),
+        };
+        Box::pin(async move {
+            let _settling = self;
+            acker.ack_with(kind).await.map_err(ack_error)
+        })
     }
 
     fn extend(&mut self, _lease: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
-            if Instant::now() >= self.deadline {
-                return Err(stale(&self.queue));
-            }
+            self.fresh()?;
             let acker = self.acker.as_ref().ok_or_else(|| stale(&self.queue))?;
             // In-progress resets the server's ack wait to its full length.
             acker.ack_with(AckKind::Progress).await.map_err(ack_error)?;
