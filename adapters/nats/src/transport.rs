@@ -414,7 +414,9 @@ impl NatsTransport {
         Ok(())
     }
 
-    async fn publish_to(&self, subject: &str, envelope: &Envelope) -> Result<(), TransportError> {
+    /// The headers `envelope` is published with, after checking that it
+    /// fits the server.
+    fn encode(&self, envelope: &Envelope) -> Result<async_nats::HeaderMap, TransportError> {
         let max = self.inner.max_payload;
         if envelope.payload.len() > max {
             return Err(TransportError::new(
@@ -425,26 +427,29 @@ impl NatsTransport {
                 ),
             ));
         }
-        let headers = wire::encode(envelope)?;
-        let ack = self
-            .inner
-            .js
-            .publish_with_headers(subject.to_owned(), headers, envelope.payload.clone())
-            .await
-            .map_err(|e| error(TransportErrorKind::Connection, "publish failed".into(), e))?;
-        ack.await.map(drop).map_err(|e| {
-            let kind = match e.kind() {
-                PublishErrorKind::StreamNotFound => TransportErrorKind::NotFound,
-                PublishErrorKind::MaxPayloadExceeded => TransportErrorKind::TooLarge,
-                PublishErrorKind::TimedOut => TransportErrorKind::Timeout,
-                _ => TransportErrorKind::Rejected,
-            };
-            error(
-                kind,
-                format!("JetStream did not store the message for {subject:?}"),
-                e,
-            )
-        })
+        wire::encode(envelope)
+    }
+
+    /// Publishes `envelope` to `subject` and waits for the PubAck.
+    ///
+    /// Encoding happens before the future is built, and the future holds
+    /// only the headers and the payload: it is boxed once per message, and
+    /// the envelope alongside async-nats' publish state would take it past
+    /// the allocator's small-allocation cache.
+    fn publish_envelope<'a>(
+        &'a self,
+        subject: &'a str,
+        envelope: &Envelope,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        match self.encode(envelope) {
+            Ok(headers) => Box::pin(send(
+                &self.inner.js,
+                subject,
+                headers,
+                envelope.payload.clone(),
+            )),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
     /// The consumer's message stream (the durable consumer is created the
@@ -620,6 +625,35 @@ impl NatsTransport {
     }
 }
 
+/// Publishes and waits for the PubAck.
+async fn send(
+    js: &Context,
+    subject: &str,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+) -> Result<(), TransportError> {
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(payload)
+        .headers(headers);
+    let ack = js
+        .send_publish(subject.to_owned(), message)
+        .await
+        .map_err(|e| error(TransportErrorKind::Connection, "publish failed".into(), e))?;
+    ack.await.map(drop).map_err(|e| {
+        let kind = match e.kind() {
+            PublishErrorKind::StreamNotFound => TransportErrorKind::NotFound,
+            PublishErrorKind::MaxPayloadExceeded => TransportErrorKind::TooLarge,
+            PublishErrorKind::TimedOut => TransportErrorKind::Timeout,
+            _ => TransportErrorKind::Rejected,
+        };
+        error(
+            kind,
+            format!("JetStream did not store the message for {subject:?}"),
+            e,
+        )
+    })
+}
+
 /// The state of one subscription.
 struct Pull {
     /// False once the subscription is dropped: its deliveries are then given
@@ -639,13 +673,17 @@ struct Pull {
 impl Pull {
     fn delivery(&self, message: jetstream::Message, permit: OwnedSemaphorePermit) -> Delivery {
         let received = Instant::now();
-        let attempt = message
-            .info()
-            .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX).max(1))
-            .unwrap_or(1);
+        let (delivered, stream_sequence) = message
+            .reply
+            .as_deref()
+            .and_then(wire::ack_subject)
+            .unwrap_or((1, 0));
+        let attempt = u32::try_from(delivered).unwrap_or(u32::MAX).max(1);
         let (message, acker) = message.split();
         let envelope = Arc::new(wire::decode(message.headers.as_ref(), message.payload));
         let settler = NatsSettler {
+            subject: message.subject,
+            stream_sequence,
             transport: self.transport.clone(),
             acker: Some(acker),
             queue: Arc::clone(&self.queue),
@@ -673,6 +711,10 @@ struct NatsSettler {
     /// `None` once settled.
     acker: Option<Acker>,
     queue: Arc<str>,
+    /// The subject it was published to, and its sequence number in the
+    /// stream (0 if unknown): dead-letter metadata.
+    subject: async_nats::Subject,
+    stream_sequence: u64,
     envelope: Arc<Envelope>,
     /// When the server redelivers it unless extended.
     deadline: Instant,
@@ -732,7 +774,16 @@ impl NatsSettler {
             at: SystemTime::now(),
         }
         .write_to(&mut envelope.headers);
-        if let Err(e) = self.transport.publish_to(&dlq, &envelope).await {
+        envelope
+            .headers
+            .insert(wire::DEAD_LETTER_SUBJECT, self.subject.as_str());
+        if self.stream_sequence > 0 {
+            envelope.headers.insert(
+                wire::DEAD_LETTER_STREAM_SEQUENCE,
+                self.stream_sequence.to_string(),
+            );
+        }
+        if let Err(e) = self.transport.publish_envelope(&dlq, &envelope).await {
             // Back after a pause, not at once: it would fail again in a
             // tight loop while the dead-letter stream refuses it.
             let _ = acker.ack_with(self.nak(Duration::from_secs(5))).await;
@@ -894,7 +945,7 @@ impl Transport for NatsTransport {
         destination: &'a str,
         envelope: Envelope,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(async move { self.publish_to(destination, &envelope).await })
+        self.publish_envelope(destination, &envelope)
     }
 
     fn subscribe<'a>(

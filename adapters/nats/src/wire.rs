@@ -1,7 +1,5 @@
 //! The envelope in NATS headers. The mapping is in `docs/wire-format.md`.
 
-use std::time::{Duration, SystemTime};
-
 use async_nats::header::{HeaderName, NATS_MESSAGE_ID};
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -21,6 +19,10 @@ const TENANT: &str = "switchyard-tenant";
 const REPLY_TO: &str = "switchyard-reply-to";
 const CONTENT_TYPE: &str = "switchyard-content-type";
 const TRACEPARENT: &str = "traceparent";
+/// On a dead letter: the subject the message was published to.
+pub(crate) const DEAD_LETTER_SUBJECT: &str = "switchyard-dead-letter-subject";
+/// On a dead letter: its sequence number in the stream it came from.
+pub(crate) const DEAD_LETTER_STREAM_SEQUENCE: &str = "switchyard-dead-letter-stream-sequence";
 const TRACESTATE: &str = "tracestate";
 
 /// The optional string fields with a header of their own, by name.
@@ -50,12 +52,6 @@ fn optional_fields(env: &Envelope) -> [&Option<String>; 9] {
     ]
 }
 
-fn rfc3339(t: SystemTime) -> Option<String> {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).ok()?;
-    (d < Duration::from_secs(253_402_300_800))
-        .then(|| humantime::format_rfc3339_millis(t).to_string())
-}
-
 fn unencodable(name: &str) -> TransportError {
     TransportError::new(
         TransportErrorKind::Encode,
@@ -68,10 +64,50 @@ fn unencodable(name: &str) -> TransportError {
 
 /// A value NATS can carry (async-nats panics on the others).
 fn value(name: &str, value: &str) -> Result<String, TransportError> {
-    if value.contains(['\r', '\n']) {
+    // Bytes, not chars: `str::contains` with a char set decodes each one.
+    if value.bytes().any(|b| b == b'\r' || b == b'\n') {
         return Err(unencodable(name));
     }
     Ok(value.to_owned())
+}
+
+/// The delivery count and the stream sequence from the reply subject of a
+/// JetStream message (the ack subject, ADR-15): `$JS.ACK.<stream>.
+/// <consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`, or
+/// the newer form with the domain and account hash before the stream and
+/// possibly more tokens after. `None` for any other subject.
+///
+/// async-nats' `Message::info` parses every token, the timestamp included,
+/// for these two numbers, at a cost comparable to decoding the envelope.
+pub(crate) fn ack_subject(reply: &str) -> Option<(u64, u64)> {
+    let rest = reply.strip_prefix("$JS.ACK.")?.as_bytes();
+    // Where each of the first ten tokens starts, and how many there are;
+    // one pass over the bytes (`str::split` searches for each dot anew).
+    let mut starts = [0usize; 10];
+    let mut n = 1;
+    for (i, &b) in rest.iter().enumerate() {
+        if b == b'.' {
+            if n < starts.len() {
+                starts[n] = i + 1;
+            }
+            n += 1;
+        }
+    }
+    let at = match n {
+        7 => 2,
+        n if n >= 9 => 4,
+        _ => return None,
+    };
+    let number = |i: usize| -> Option<u64> {
+        let token = &rest[starts[i]..starts[i + 1] - 1];
+        if token.is_empty() || token.len() > 19 {
+            return None;
+        }
+        token.iter().try_fold(0u64, |acc, &d| {
+            d.is_ascii_digit().then(|| acc * 10 + u64::from(d - b'0'))
+        })
+    };
+    Some((number(at)?, number(at + 1)?))
 }
 
 /// The NATS headers of `env`. Header values cannot hold CR or LF on the
@@ -104,10 +140,10 @@ pub(crate) fn encode(env: &Envelope) -> Result<HeaderMap, TransportError> {
             env.schema_version.to_string(),
         );
     }
-    if let Some(t) = rfc3339(env.occurred_at) {
+    if let Some(t) = switchyard_core::rfc3339_millis(env.occurred_at) {
         h.insert(HeaderName::from_static(header_names::OCCURRED_AT), t);
     }
-    if let Some(t) = env.deadline.and_then(rfc3339) {
+    if let Some(t) = env.deadline.and_then(switchyard_core::rfc3339_millis) {
         h.insert(HeaderName::from_static(header_names::DEADLINE), t);
     }
     for ((name, header), field) in OPTIONAL.into_iter().zip(optional_fields(env)) {
@@ -207,7 +243,42 @@ pub(crate) fn decode(headers: Option<&HeaderMap>, payload: Bytes) -> Envelope {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
     use super::*;
+
+    #[test]
+    fn ack_subjects_of_both_forms_give_the_delivery_count_and_stream_sequence() {
+        // The original form: stream, consumer, delivered, stream seq,
+        // consumer seq, time, pending.
+        assert_eq!(
+            ack_subject("$JS.ACK.orders.switchyard.3.1042.77.1764230400000000000.12"),
+            Some((3, 1042))
+        );
+        // ADR-15: domain (`_` for none) and account hash first, and a
+        // random token (or more tokens) after.
+        assert_eq!(
+            ack_subject("$JS.ACK._.ACCHASH.orders.switchyard.1.7.7.1764230400000000000.0.tok"),
+            Some((1, 7))
+        );
+        assert_eq!(
+            ack_subject("$JS.ACK.hub.ACCHASH.orders.switchyard.2.9.8.1764230400000000000.0"),
+            Some((2, 9))
+        );
+        assert_eq!(
+            ack_subject("$JS.ACK.hub.ACCHASH.orders.switchyard.5.6.4.1.0.tok.future.more"),
+            Some((5, 6))
+        );
+        for not_an_ack in [
+            "_INBOX.abc",
+            "$JS.ACK.orders.switchyard.3",
+            "$JS.ACK.orders.switchyard.x.1.1.1.1",
+            "$JS.ACK.a.b.c.d.e.f.g.h",
+            "",
+        ] {
+            assert_eq!(ack_subject(not_an_ack), None, "{not_an_ack}");
+        }
+    }
 
     #[test]
     fn every_field_round_trips_through_nats_headers() {

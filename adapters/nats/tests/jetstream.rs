@@ -112,6 +112,16 @@ async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts() {
         .spawn();
     let env = Envelope::new(Job::TYPE, r#"{"n":1}"#).with_header("x-keep", "me");
     t.publish(&q, env.clone()).await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(url()).await.unwrap());
+    let sequence = js
+        .get_stream(&q)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
     let mut dead = t
         .subscribe(&format!("{q}.dlq"), SubscribeOptions::default())
         .await
@@ -136,6 +146,12 @@ async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts() {
     assert_eq!(
         (info.reason, info.attempts),
         (DeadLetterReason::MaxAttempts, 4)
+    );
+    // Where it came from, as JetStream knows it.
+    assert_eq!(got.headers.get("switchyard-dead-letter-subject"), Some(&*q));
+    assert_eq!(
+        got.headers.get("switchyard-dead-letter-stream-sequence"),
+        Some(sequence.to_string().as_str())
     );
 }
 

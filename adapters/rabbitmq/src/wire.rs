@@ -34,13 +34,6 @@ fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }
 
-fn rfc3339(t: SystemTime) -> Option<String> {
-    // humantime cannot format times before 1970 or after 9999.
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).ok()?;
-    (d < Duration::from_secs(253_402_300_800))
-        .then(|| humantime::format_rfc3339_millis(t).to_string())
-}
-
 /// A string property, or the header fallback when it is too long for an
 /// AMQP short string (255 bytes).
 fn put(headers: &mut FieldTable, value: Option<&str>, header: &str, set: impl FnOnce(ShortString)) {
@@ -103,10 +96,10 @@ pub(crate) fn encode(env: &Envelope, prior_attempts: u32) -> BasicProperties {
             long(&env.schema_version.to_string()),
         );
     }
-    if let Some(t) = rfc3339(env.occurred_at) {
+    if let Some(t) = switchyard_core::rfc3339_millis(env.occurred_at) {
         headers.insert(header_names::OCCURRED_AT.into(), long(&t));
     }
-    if let Some(t) = env.deadline.and_then(rfc3339) {
+    if let Some(t) = env.deadline.and_then(switchyard_core::rfc3339_millis) {
         headers.insert(header_names::DEADLINE.into(), long(&t));
     }
     for (name, value) in [

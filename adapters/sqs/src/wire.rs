@@ -2,7 +2,7 @@
 //! The mapping is in `docs/wire-format.md`.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use aws_sdk_sqs::types::MessageAttributeValue;
 use base64::Engine as _;
@@ -89,12 +89,6 @@ fn sqs_json(v: &Value) -> String {
     out
 }
 
-fn rfc3339(t: SystemTime) -> Option<String> {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).ok()?;
-    (d < Duration::from_secs(253_402_300_800))
-        .then(|| humantime::format_rfc3339_millis(t).to_string())
-}
-
 fn string_attribute(value: &str) -> MessageAttributeValue {
     MessageAttributeValue::builder()
         .data_type(STRING)
@@ -132,10 +126,10 @@ pub(crate) fn encode(env: &Envelope) -> Encoded {
     if env.schema_version != 1 {
         fields.insert("schema_version".into(), env.schema_version.into());
     }
-    if let Some(t) = rfc3339(env.occurred_at) {
+    if let Some(t) = switchyard_core::rfc3339_millis(env.occurred_at) {
         fields.insert("occurred_at".into(), t.into());
     }
-    if let Some(t) = env.deadline.and_then(rfc3339) {
+    if let Some(t) = env.deadline.and_then(switchyard_core::rfc3339_millis) {
         fields.insert("deadline".into(), t.into());
     }
     for (name, value) in [
@@ -359,6 +353,8 @@ pub(crate) fn fifo_id(what: &str, value: &str) -> Result<(), TransportError> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn round_trip(env: &Envelope) -> Envelope {

@@ -167,3 +167,86 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
 }
+
+/// CPU time a process has used so far, user and system, read from
+/// `/proc/<pid>/stat` (`self` for this one); `None` where there is no such
+/// file. For the diagnostics `SWITCHYARD_BENCH_DEBUG` prints: how much of a
+/// workload's CPU the client took and how much the broker.
+pub fn cpu_time(pid: &str) -> Option<(Duration, Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from its `)`.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15, in clock ticks (100 a second
+    // on Linux).
+    let ticks = |i: usize| -> Option<Duration> {
+        Some(Duration::from_millis(
+            fields.get(i)?.parse::<u64>().ok()? * 10,
+        ))
+    };
+    Some((ticks(11)?, ticks(12)?))
+}
+
+/// Context switches of every thread of this process so far (voluntary ones:
+/// a thread that went to sleep waiting for something).
+pub fn context_switches() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// The pid of the first process whose command name is `name`.
+pub fn pid_of(name: &str) -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().into_string().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == name).then_some(pid)
+    })
+}
+
+/// Measures the CPU this process and the broker process use while `work`
+/// runs, and prints them per message when `SWITCHYARD_BENCH_DEBUG` is set.
+pub async fn with_cpu<T>(
+    label: &str,
+    broker: &str,
+    n: u64,
+    work: impl Future<Output = Result<Duration, T>>,
+) -> Result<Duration, T> {
+    if std::env::var_os("SWITCHYARD_BENCH_DEBUG").is_none() {
+        return work.await;
+    }
+    let server = pid_of(broker);
+    let cpu = |pid: Option<&str>| pid.and_then(cpu_time).unwrap_or_default();
+    let (c0, s0, x0) = (
+        cpu(Some("self")),
+        cpu(server.as_deref()),
+        context_switches(),
+    );
+    let r = work.await;
+    let (c1, s1, x1) = (
+        cpu(Some("self")),
+        cpu(server.as_deref()),
+        context_switches(),
+    );
+    if let Ok(wall) = &r {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        eprintln!(
+            "{label:<42} µs/msg: wall {:>5.2} · client user {:>5.2} sys {:>5.2} · {broker} {:>5.2} · client sleeps/msg {:.2}",
+            per(*wall),
+            per(c1.0 - c0.0),
+            per(c1.1 - c0.1),
+            per((s1.0 + s1.1) - (s0.0 + s0.1)),
+            (x1 - x0) as f64 / n as f64,
+        );
+    }
+    r
+}

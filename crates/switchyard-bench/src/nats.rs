@@ -10,7 +10,10 @@ use switchyard::nats::{NatsConfig, NatsCoreTransport, NatsTransport};
 use switchyard::{Consumer, Envelope, Message, QueueSpec, Router, Topology, Transport};
 
 use crate::rabbit::Rate;
-use crate::{CountTo, Tick};
+use crate::{with_cpu, CountTo, Tick};
+
+/// The server's process name, for the CPU diagnostics.
+const SERVER: &str = "nats-server";
 
 /// Publishes in flight at once.
 pub const WINDOW: usize = 256;
@@ -131,12 +134,16 @@ async fn raw_js_consume(
         .await
         .map_err(|e| e.to_string())?;
     let started = Instant::now();
-    for _ in 0..n {
-        let m = messages
-            .next()
-            .await
-            .ok_or("ended")?
-            .map_err(|e| e.to_string())?;
+    let mut handled = 0;
+    while handled < n {
+        let m = match messages.next().await.ok_or("ended")? {
+            Ok(m) => m,
+            // The server, busy writing to disk, was late with a heartbeat:
+            // the stream goes on (switchyard re-pulls in that case).
+            Err(e) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        handled += 1;
         if raw == Raw::SameMessages {
             raw_read(m.headers.as_ref(), &m.payload)?;
         }
@@ -246,9 +253,11 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
     let mut rates = Vec::new();
     let mut made = Vec::new();
 
-    // `SWITCHYARD_BENCH_ONLY=js` or `=core` runs one group (for profiling).
+    // `SWITCHYARD_BENCH_ONLY=js` or `=core` runs one group, `js-raw` or
+    // `js-sy` one side of the JetStream group (for profiling; the ratios
+    // are then not printed).
     let only = std::env::var("SWITCHYARD_BENCH_ONLY").unwrap_or_default();
-    if only.is_empty() || only == "js" {
+    if only.is_empty() || only.starts_with("js") {
         let mut publish = Vec::new();
         let mut consume = Vec::new();
         for (raw, publish_name, consume_name) in [
@@ -263,6 +272,9 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
                 "JetStream consume+ack, raw, same messages",
             ),
         ] {
+            if only == "js-sy" {
+                break;
+            }
             let subject = unique("raw");
             js.get_or_create_stream(stream::Config {
                 name: subject.clone(),
@@ -272,16 +284,33 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
             .await
             .map_err(|e| e.to_string())?;
             made.push(subject.clone());
+            let d = with_cpu(
+                publish_name,
+                SERVER,
+                n,
+                raw_js_publish(&js, &subject, n, &payload, raw),
+            );
             publish.push(Rate {
                 name: publish_name,
-                per_sec: rate(raw_js_publish(&js, &subject, n, &payload, raw).await?),
+                per_sec: rate(d.await?),
             });
+            let d = with_cpu(
+                consume_name,
+                SERVER,
+                n,
+                raw_js_consume(&js, &subject, n, raw),
+            );
             consume.push(Rate {
                 name: consume_name,
-                per_sec: rate(raw_js_consume(&js, &subject, n, raw).await?),
+                per_sec: rate(d.await?),
             });
         }
 
+        if only == "js-raw" {
+            rates.extend(publish);
+            rates.extend(consume);
+            return Ok(rates);
+        }
         let t = NatsTransport::connect(NatsConfig::new(url))
             .await
             .map_err(|e| e.to_string())?;
@@ -291,14 +320,18 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
             .map_err(|e| e.to_string())?;
         made.push(q.clone());
         made.push(format!("{q}_dlq"));
+        let name = "JetStream publish, switchyard";
+        let d = with_cpu(name, SERVER, n, sy_publish(&t, &q, n, &payload));
         publish.push(Rate {
-            name: "JetStream publish, switchyard",
-            per_sec: rate(sy_publish(&t, &q, n, &payload).await?),
+            name,
+            per_sec: rate(d.await?),
         });
         let none = async { Ok(Duration::ZERO) };
+        let name = "JetStream consume+ack, switchyard";
+        let d = with_cpu(name, SERVER, n, sy_consume(t.clone(), &q, n, none));
         consume.push(Rate {
-            name: "JetStream consume+ack, switchyard",
-            per_sec: rate(sy_consume(t.clone(), &q, n, none).await?),
+            name,
+            per_sec: rate(d.await?),
         });
         rates.extend(publish);
         rates.extend(consume);
@@ -309,9 +342,10 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
             (Raw::Bare, "core pub/sub, raw, bare payload"),
             (Raw::SameMessages, "core pub/sub, raw, same messages"),
         ] {
+            let d = with_cpu(name, SERVER, n, raw_core(&client, n, &payload, raw));
             rates.push(Rate {
                 name,
-                per_sec: rate(raw_core(&client, n, &payload, raw).await?),
+                per_sec: rate(d.await?),
             });
         }
         let core = NatsCoreTransport::connect(NatsConfig::new(url))
@@ -331,9 +365,11 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
             }
             Ok(started.elapsed())
         };
+        let name = "core pub/sub, switchyard";
+        let d = with_cpu(name, SERVER, n, sy_consume(core, &subject, n, publish_all));
         rates.push(Rate {
-            name: "core pub/sub, switchyard",
-            per_sec: rate(sy_consume(core, &subject, n, publish_all).await?),
+            name,
+            per_sec: rate(d.await?),
         });
     }
     for name in made {

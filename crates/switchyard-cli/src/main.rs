@@ -736,14 +736,16 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
                     } else {
                         ticker.tick().await;
                         let mut env = d.envelope().clone();
-                        for h in [
-                            header_names::DEAD_LETTER_REASON,
-                            header_names::DEAD_LETTER_DETAIL,
-                            header_names::DEAD_LETTER_ATTEMPTS,
-                            header_names::DEAD_LETTER_SOURCE,
-                            header_names::DEAD_LETTER_AT,
-                        ] {
-                            env.headers.remove(h);
+                        // Every adapter's dead-letter metadata (reason,
+                        // source, JetStream's subject and sequence, ...).
+                        let dead_letter: Vec<String> = env
+                            .headers
+                            .iter()
+                            .filter(|(name, _)| name.starts_with("switchyard-dead-letter-"))
+                            .map(|(name, _)| name.to_owned())
+                            .collect();
+                        for h in dead_letter {
+                            env.headers.remove(&h);
                         }
                         env.headers.insert(
                             header_names::REPLAYED_AT,

@@ -17,7 +17,15 @@ pub struct MessageId(String);
 impl MessageId {
     /// A new, unique, time-ordered id (UUID v7).
     pub fn new() -> Self {
-        MessageId(uuid::Uuid::now_v7().to_string())
+        // Encoded into a buffer: `to_string` would go through the
+        // formatting machinery, at several times the cost.
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        MessageId(
+            uuid::Uuid::now_v7()
+                .hyphenated()
+                .encode_lower(&mut buf)
+                .to_owned(),
+        )
     }
 
     /// The id exactly as read from the wire.
@@ -148,13 +156,57 @@ pub struct TraceContext {
     pub tracestate: Option<String>,
 }
 
+/// `t` in RFC 3339 with milliseconds, UTC (`2026-11-27T08:25:02.123Z`),
+/// the form every adapter writes times in; `None` before 1970 or after
+/// 9999, which the form cannot express.
+///
+/// The same text as `humantime::format_rfc3339_millis`, written straight
+/// into a buffer: this runs for every message published, and the
+/// formatting machinery took several times as long.
+pub fn rfc3339_millis(t: SystemTime) -> Option<String> {
+    const YEAR_10000: Duration = Duration::from_secs(253_402_300_800);
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    if since >= YEAR_10000 {
+        return None;
+    }
+    let secs = since.as_secs();
+    let (days, of_day) = (secs / 86_400, secs % 86_400);
+    // Days to the civil date (H. Hinnant's `civil_from_days`), from
+    // 0000-03-01 so that the leap day ends a year.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let mut buf = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut n: u64| {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, of_day / 3_600);
+    put(14, 2, of_day % 3_600 / 60);
+    put(17, 2, of_day % 60);
+    put(20, 3, u64::from(since.subsec_millis()));
+    std::str::from_utf8(&buf).ok().map(str::to_owned)
+}
+
 /// An RFC 3339 rendering of `t` that cannot panic: times humantime cannot
 /// format (before 1970, after 9999) are shown as signed milliseconds since
 /// the epoch. Times come from the wire, so they are untrusted.
 pub(crate) fn display_time(t: SystemTime) -> String {
-    const YEAR_10000: Duration = Duration::from_secs(253_402_300_800);
+    if let Some(s) = rfc3339_millis(t) {
+        return s;
+    }
     match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) if d < YEAR_10000 => humantime::format_rfc3339_millis(t).to_string(),
         Ok(d) => format!("{}ms since the epoch", d.as_millis()),
         Err(e) => format!("-{}ms since the epoch", e.duration().as_millis()),
     }
@@ -306,6 +358,43 @@ impl fmt::Debug for Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_millis_writes_what_humantime_writes() {
+        let at = |secs: u64, millis: u64| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+        };
+        let mut times = vec![
+            at(0, 0),
+            at(951_782_400, 1),       // 2000-02-29, a leap day of a century
+            at(4_107_542_400, 999),   // 2100-03-01, after a century's missing one
+            at(253_402_300_799, 999), // 9999-12-31T23:59:59.999Z
+            at(1_764_230_702, 123),
+        ];
+        // Every day of four hundred years (a whole leap cycle), at a time
+        // of day and a millisecond that change with it.
+        times.extend((0..146_097u64).map(|d| at(d * 86_400 + d * 7_919 % 86_400, d % 1_000)));
+        for t in times {
+            assert_eq!(
+                rfc3339_millis(t).as_deref(),
+                Some(humantime::format_rfc3339_millis(t).to_string().as_str())
+            );
+        }
+        assert_eq!(rfc3339_millis(at(253_402_300_800, 0)), None);
+        assert_eq!(
+            rfc3339_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1)),
+            None
+        );
+    }
+
+    #[test]
+    fn generated_ids_are_hyphenated_lowercase_uuid_v7() {
+        let id = MessageId::new();
+        let uuid = uuid::Uuid::parse_str(id.as_str()).unwrap();
+        assert_eq!(uuid.get_version_num(), 7);
+        assert_eq!(id.as_str(), uuid.hyphenated().to_string());
+        assert_ne!(MessageId::new(), id);
+    }
 
     #[test]
     fn generated_ids_are_unique_and_time_ordered() {

@@ -62,7 +62,7 @@ pub(crate) mod testing {
     }
 }
 
-pub use envelope::{Envelope, Headers, MessageId, TraceContext};
+pub use envelope::{rfc3339_millis, Envelope, Headers, MessageId, TraceContext};
 pub use handler::{Context, ErrorClass, HandleError, Handler, ResultExt};
 pub use message::{Codec, DecodeError, JsonCodec, Message};
 pub use outcome::{AckReason, DeadLetterReason, Outcome};

@@ -540,7 +540,7 @@ impl DeadLetterInfo {
         headers.insert(header_names::DEAD_LETTER_SOURCE, self.source.as_str());
         headers.insert(
             header_names::DEAD_LETTER_AT,
-            humantime::format_rfc3339_millis(self.at).to_string(),
+            crate::envelope::display_time(self.at),
         );
     }
 
