@@ -1053,6 +1053,8 @@ impl Transport for RabbitTransport {
         caps.delivery_count = Support::Emulated;
         // A requeue counts as a delivery on quorum queues.
         caps.release_counts_attempt = true;
+        // The ack worker acknowledges a quarter of the prefetch at a time.
+        caps.settlement_batches_per_window = 4;
         caps.max_retry_delay = self.inner.config.delay_tiers.iter().max().copied();
         caps.ordering = OrderingSupport::PerSource;
         caps.max_payload = Some(self.inner.config.max_payload);

@@ -196,6 +196,17 @@ pub struct Capabilities {
     /// (JetStream's duplicate window, SQS FIFO deduplication): a message
     /// published twice with one id is then delivered once.
     pub deduplicates_publishes: bool,
+    /// How many batches the adapter sends the settlements of one prefetch
+    /// window in (RabbitMQ: 4, acknowledging a quarter of the window at a
+    /// time); 1 where settlements go out as they come (NATS, SQS, memory).
+    ///
+    /// A task the consumer wakes to send them (an ack worker, the client's
+    /// connection task) waits on the consumer's thread until the consumer
+    /// yields; the consumer yields after `prefetch / this` deliveries in a
+    /// row (at least 16), so that it runs before the window is used up,
+    /// and no more often: each yield is a write to the broker, and writes
+    /// of a handful of acks cost client and broker alike.
+    pub settlement_batches_per_window: u32,
 }
 
 impl Capabilities {
@@ -217,6 +228,7 @@ impl Capabilities {
             fan_out: true,
             max_payload: None,
             deduplicates_publishes: false,
+            settlement_batches_per_window: 1,
         }
     }
 }

@@ -356,10 +356,13 @@ where
         // After a subscription error, pulling pauses briefly; in-flight work
         // keeps running meanwhile.
         let mut paused_until: Option<tokio::time::Instant> = None;
-        // Deliveries finished in a row without this task yielding.
-        let mut in_a_row = 0u32;
+        // Deliveries finished in a row without this task yielding, and how
+        // many it may finish before it does.
+        let mut in_a_row = 0usize;
+        let yield_every =
+            (concurrency / caps.settlement_batches_per_window.max(1) as usize).max(MIN_IN_A_ROW);
         loop {
-            if in_a_row >= YIELD_EVERY {
+            if in_a_row >= yield_every {
                 // Let the tasks this one woke run: an adapter's settlement
                 // worker woken from here waits on this thread until this
                 // task yields, and while deliveries keep arriving it would
@@ -476,8 +479,9 @@ where
     }
 }
 
-/// Deliveries the run loop finishes in a row before it yields.
-const YIELD_EVERY: u32 = 16;
+/// The fewest deliveries the run loop finishes in a row before it yields
+/// (see `Capabilities::settlement_batches_per_window`).
+const MIN_IN_A_ROW: usize = 16;
 
 /// How long releasing in-flight deliveries may take after the drain timeout.
 const RELEASE_GRACE: Duration = Duration::from_secs(10);
