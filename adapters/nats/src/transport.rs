@@ -17,7 +17,7 @@ use switchyard_core::{
     Capabilities, DeadLetterInfo, Delivery, DeliveryStream, Envelope, OrderingSupport, Settlement,
     Settler, SubscribeOptions, Support, Topology, Transport, TransportError, TransportErrorKind,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::wire;
 
@@ -558,34 +558,39 @@ impl NatsTransport {
         // Boxed: `unfold` moves its state in and out of the future for
         // every item, and the pull stream is large.
         let state = Box::new(Pull {
-            transport: self.clone(),
-            queue: queue.into(),
-            lease,
+            shared: Arc::new(Subscription {
+                transport: self.clone(),
+                queue: queue.into(),
+                lease,
+                alive: AtomicBool::new(true),
+                slots: Semaphore::new(prefetch),
+            }),
             prefetch,
             max_attempts,
-            permits: Arc::new(Semaphore::new(prefetch)),
             messages: Some(messages),
             pause: Duration::from_millis(100),
-            alive: Arc::new(AtomicBool::new(true)),
         });
         // Survives a lost server: an interrupted pull is reported once, then
         // re-created (with backoff) until the server answers again.
         let deliveries = futures_util::stream::unfold(state, |mut pull| async move {
-            let permit = Arc::clone(&pull.permits)
-                .acquire_owned()
-                .await
-                .expect("never closed");
+            let slot = Slot::take(&pull.shared).await;
             loop {
                 let Some(messages) = pull.messages.as_mut() else {
                     match pull
+                        .shared
                         .transport
-                        .messages(&pull.queue, pull.lease, pull.prefetch, pull.max_attempts)
+                        .messages(
+                            &pull.shared.queue,
+                            pull.shared.lease,
+                            pull.prefetch,
+                            pull.max_attempts,
+                        )
                         .await
                     {
                         Ok(m) => {
                             pull.messages = Some(m);
                             pull.pause = Duration::from_millis(100);
-                            tracing::info!(queue = %pull.queue, "consuming again");
+                            tracing::info!(queue = %pull.shared.queue, "consuming again");
                         }
                         Err(e) => {
                             tokio::time::sleep(pull.pause).await;
@@ -595,9 +600,9 @@ impl NatsTransport {
                                 TransportErrorKind::Config | TransportErrorKind::NotFound
                             ) {
                                 // Not the server being away: someone must act.
-                                tracing::warn!(queue = %pull.queue, error = %e, "cannot consume; retrying");
+                                tracing::warn!(queue = %pull.shared.queue, error = %e, "cannot consume; retrying");
                             } else {
-                                tracing::debug!(queue = %pull.queue, error = %e, "cannot consume yet");
+                                tracing::debug!(queue = %pull.shared.queue, error = %e, "cannot consume yet");
                             }
                         }
                     }
@@ -605,14 +610,17 @@ impl NatsTransport {
                 };
                 match messages.next().await {
                     Some(Ok(message)) => {
-                        let delivery = pull.delivery(message, permit);
+                        let delivery = pull.delivery(message, slot);
                         return Some((Ok(delivery), pull));
                     }
                     Some(Err(e)) => {
                         pull.messages = None;
                         let e = error(
                             TransportErrorKind::Connection,
-                            format!("consuming {:?} was interrupted; resuming", &*pull.queue),
+                            format!(
+                                "consuming {:?} was interrupted; resuming",
+                                &*pull.shared.queue
+                            ),
                             e,
                         );
                         return Some((Err(e), pull));
@@ -654,24 +662,55 @@ async fn send(
     })
 }
 
-/// The state of one subscription.
-struct Pull {
+/// What one subscription's deliveries share.
+struct Subscription {
+    transport: NatsTransport,
+    queue: Box<str>,
+    lease: Duration,
     /// False once the subscription is dropped: its deliveries are then given
     /// back with a delay longer than a pull request lives, so that the
     /// request it left on the server cannot take them.
-    alive: Arc<AtomicBool>,
-    transport: NatsTransport,
-    queue: Arc<str>,
-    lease: Duration,
+    alive: AtomicBool,
+    /// Prefetch left: each delivery takes a slot until it is settled.
+    slots: Semaphore,
+}
+
+/// A prefetch slot, given back when dropped. It keeps the subscription's
+/// shared state for its delivery's settler (one reference for both).
+struct Slot(Arc<Subscription>);
+
+impl Slot {
+    async fn take(shared: &Arc<Subscription>) -> Slot {
+        shared.slots.acquire().await.expect("never closed").forget();
+        Slot(Arc::clone(shared))
+    }
+}
+
+impl std::ops::Deref for Slot {
+    type Target = Subscription;
+
+    fn deref(&self) -> &Subscription {
+        &self.0
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.slots.add_permits(1);
+    }
+}
+
+/// The state of one subscription's stream.
+struct Pull {
+    shared: Arc<Subscription>,
     prefetch: usize,
     max_attempts: Option<u32>,
-    permits: Arc<Semaphore>,
     messages: Option<pull::Stream>,
     pause: Duration,
 }
 
 impl Pull {
-    fn delivery(&self, message: jetstream::Message, permit: OwnedSemaphorePermit) -> Delivery {
+    fn delivery(&self, message: jetstream::Message, slot: Slot) -> Delivery {
         let received = Instant::now();
         let (delivered, stream_sequence) = message
             .reply
@@ -684,14 +723,10 @@ impl Pull {
         let settler = NatsSettler {
             subject: message.subject,
             stream_sequence,
-            transport: self.transport.clone(),
             acker: Some(acker),
-            queue: Arc::clone(&self.queue),
             envelope: Arc::clone(&envelope),
-            deadline: received + self.lease,
-            lease: self.lease,
-            _permit: permit,
-            subscription: Arc::clone(&self.alive),
+            deadline: received + slot.lease,
+            slot,
         };
         Delivery::new(envelope, attempt, Box::new(settler)).with_received_at(received)
     }
@@ -699,18 +734,14 @@ impl Pull {
 
 impl Drop for Pull {
     fn drop(&mut self) {
-        self.alive.store(false, Ordering::Release);
+        self.shared.alive.store(false, Ordering::Release);
     }
 }
 
 /// Settles one JetStream message.
 struct NatsSettler {
-    /// Whether the subscription that delivered it is still open.
-    subscription: Arc<AtomicBool>,
-    transport: NatsTransport,
     /// `None` once settled.
     acker: Option<Acker>,
-    queue: Arc<str>,
     /// The subject it was published to, and its sequence number in the
     /// stream (0 if unknown): dead-letter metadata.
     subject: async_nats::Subject,
@@ -718,8 +749,8 @@ struct NatsSettler {
     envelope: Arc<Envelope>,
     /// When the server redelivers it unless extended.
     deadline: Instant,
-    lease: Duration,
-    _permit: OwnedSemaphorePermit,
+    /// Its prefetch slot, and what the subscription's deliveries share.
+    slot: Slot,
 }
 
 fn stale(queue: &str) -> TransportError {
@@ -737,7 +768,7 @@ impl NatsSettler {
     /// A nak redelivering after `delay`, or, once the subscription is
     /// dropped, no sooner than its last pull request has expired.
     fn nak(&self, delay: Duration) -> AckKind {
-        let delay = if self.subscription.load(Ordering::Acquire) {
+        let delay = if self.slot.alive.load(Ordering::Acquire) {
             delay
         } else {
             delay.max(PULL_EXPIRES + Duration::from_secs(1))
@@ -750,7 +781,7 @@ impl NatsSettler {
     /// someone else holds.
     fn fresh(&self) -> Result<(), TransportError> {
         if Instant::now() >= self.deadline {
-            Err(stale(&self.queue))
+            Err(stale(&self.slot.queue))
         } else {
             Ok(())
         }
@@ -764,13 +795,13 @@ impl NatsSettler {
         detail: String,
         attempts: u32,
     ) -> Result<(), TransportError> {
-        let (dlq, _) = self.transport.queue_info(&self.queue);
+        let (dlq, _) = self.slot.transport.queue_info(&self.slot.queue);
         let mut envelope = Envelope::clone(&self.envelope);
         DeadLetterInfo {
             reason,
             detail,
             attempts,
-            source: self.queue.to_string(),
+            source: self.slot.queue.to_string(),
             at: SystemTime::now(),
         }
         .write_to(&mut envelope.headers);
@@ -783,7 +814,7 @@ impl NatsSettler {
                 self.stream_sequence.to_string(),
             );
         }
-        if let Err(e) = self.transport.publish_envelope(&dlq, &envelope).await {
+        if let Err(e) = self.slot.transport.publish_envelope(&dlq, &envelope).await {
             // Back after a pause, not at once: it would fail again in a
             // tight loop while the dead-letter stream refuses it.
             let _ = acker.ack_with(self.nak(Duration::from_secs(5))).await;
@@ -806,7 +837,7 @@ impl Settler for NatsSettler {
         // publish and is several times larger than the others. Each keeps
         // the settler (and its prefetch permit) until the ack is sent.
         let kind = match settlement {
-            Settlement::Ack if self.transport.inner.config.double_ack => {
+            Settlement::Ack if self.slot.transport.inner.config.double_ack => {
                 return Box::pin(async move {
                     let _settling = self;
                     acker.double_ack().await.map_err(ack_error)
@@ -835,10 +866,10 @@ impl Settler for NatsSettler {
     fn extend(&mut self, _lease: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
             self.fresh()?;
-            let acker = self.acker.as_ref().ok_or_else(|| stale(&self.queue))?;
+            let acker = self.acker.as_ref().ok_or_else(|| stale(&self.slot.queue))?;
             // In-progress resets the server's ack wait to its full length.
             acker.ack_with(AckKind::Progress).await.map_err(ack_error)?;
-            self.deadline = Instant::now() + self.lease;
+            self.deadline = Instant::now() + self.slot.lease;
             Ok(())
         })
     }
