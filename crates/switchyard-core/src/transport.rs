@@ -196,16 +196,21 @@ pub struct Capabilities {
     /// (JetStream's duplicate window, SQS FIFO deduplication): a message
     /// published twice with one id is then delivered once.
     pub deduplicates_publishes: bool,
-    /// How many batches the adapter sends the settlements of one prefetch
-    /// window in (RabbitMQ: 4, acknowledging a quarter of the window at a
-    /// time); 1 where settlements go out as they come (NATS, SQS, memory).
+    /// Where the broker holds deliveries back until earlier ones are
+    /// settled (RabbitMQ's prefetch window), and a task of the adapter's
+    /// sends the settlements: how many batches it sends those of one window
+    /// in (RabbitMQ: 4, a quarter of the window at a time). 0 (the default)
+    /// where deliveries do not wait for settlements (JetStream pulls ahead
+    /// up to its much larger `max_ack_pending`; SQS; memory).
     ///
-    /// A task the consumer wakes to send them (an ack worker, the client's
-    /// connection task) waits on the consumer's thread until the consumer
-    /// yields; the consumer yields after `prefetch / this` deliveries in a
-    /// row (at least 16), so that it runs before the window is used up,
-    /// and no more often: each yield is a write to the broker, and writes
-    /// of a handful of acks cost client and broker alike.
+    /// The task the consumer wakes to send settlements waits on the
+    /// consumer's thread until the consumer yields. Where deliveries wait
+    /// for it, the consumer yields after `prefetch / this` deliveries in a
+    /// row (at least 16), so that the task runs before the window is used
+    /// up. Elsewhere it does not yield on purpose: each yield lets the
+    /// client write the few settlements queued so far, and many small
+    /// writes cost client and broker alike (tokio's cooperative budget
+    /// still makes the consumer yield now and then).
     pub settlement_batches_per_window: u32,
 }
 
@@ -228,7 +233,7 @@ impl Capabilities {
             fan_out: true,
             max_payload: None,
             deduplicates_publishes: false,
-            settlement_batches_per_window: 1,
+            settlement_batches_per_window: 0,
         }
     }
 }

@@ -359,14 +359,17 @@ where
         // Deliveries finished in a row without this task yielding, and how
         // many it may finish before it does.
         let mut in_a_row = 0usize;
-        let yield_every =
-            (concurrency / caps.settlement_batches_per_window.max(1) as usize).max(MIN_IN_A_ROW);
+        let yield_every = match caps.settlement_batches_per_window {
+            0 => usize::MAX,
+            batches => (concurrency / batches as usize).max(MIN_IN_A_ROW),
+        };
         loop {
             if in_a_row >= yield_every {
                 // Let the tasks this one woke run: an adapter's settlement
                 // worker woken from here waits on this thread until this
                 // task yields, and while deliveries keep arriving it would
-                // not (the broker then stalls, waiting for those acks).
+                // not (a broker that waits for settlements before it sends
+                // more then stalls).
                 in_a_row = 0;
                 tokio::task::yield_now().await;
             }
