@@ -106,6 +106,147 @@ async fn nkey_authentication_works_and_the_seed_never_shows() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A JWT as `nsc` issues them: ed25519 over `header.claims`, signed by
+/// `issuer` (the operator for an account, the account for a user).
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let header = URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": format!("{name}{}", std::process::id()).to_uppercase(),
+        "iat": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signature = issuer
+        .sign(format!("{header}.{claims}").as_bytes())
+        .unwrap();
+    format!("{header}.{claims}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+/// A `.creds` file as `nsc generate creds` writes it.
+fn creds(user_jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\
+         NKEYs are sensitive and should be treated as secrets.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
+         *************************************************************\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentials_file_authenticates_against_an_operator_mode_server() {
+    // Decentralized auth as `nsc` sets it up: an operator, its system
+    // account (JetStream needs one), an account it signs (with JetStream),
+    // and a user the account signs.
+    let operator = nkeys::KeyPair::new_operator();
+    let system = nkeys::KeyPair::new_account();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "sy-operator",
+        serde_json::json!({
+            "system_account": system.public_key(),
+            "type": "operator",
+            "version": 2
+        }),
+    );
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({
+            "limits": { "subs": -1, "data": -1, "payload": -1, "imports": -1,
+                        "exports": -1, "wildcards": true, "conn": -1, "leaf": -1 },
+            "default_permissions": { "pub": {}, "sub": {} },
+            "type": "account",
+            "version": 2
+        }),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "sy-account",
+        serde_json::json!({
+            "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1,
+                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+            },
+            "default_permissions": { "pub": {}, "sub": {} },
+            "type": "account",
+            "version": 2
+        }),
+    );
+    let user_claims = serde_json::json!({
+        "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+        "type": "user", "version": 2
+    });
+    let user_jwt = jwt(&account, &user.public_key(), "sy-user", user_claims.clone());
+
+    let dir = store("creds");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "operator: \"{operator_jwt}\"\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{system_jwt}\"\n  {}: \"{account_jwt}\"\n}}\n",
+            system.public_key(),
+            system.public_key(),
+            account.public_key()
+        ),
+    )
+    .unwrap();
+    let good = dir.join("user.creds");
+    let seed = user.seed().unwrap();
+    std::fs::write(&good, creds(&user_jwt, &seed)).unwrap();
+    // The same user, vouched for by an account the operator never signed.
+    let stranger = nkeys::KeyPair::new_account();
+    let forged = dir.join("forged.creds");
+    std::fs::write(
+        &forged,
+        creds(
+            &jwt(&stranger, &user.public_key(), "sy-user", user_claims),
+            &seed,
+        ),
+    )
+    .unwrap();
+
+    let port = port(2);
+    let server = PrivateServer::start(port, &dir.join("js"), &["-c", conf.to_str().unwrap()]);
+    server.wait_ready().await;
+    let url = format!("nats://127.0.0.1:{port}");
+
+    let err = NatsTransport::connect(NatsConfig::new(&url))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connection, "{err}");
+    let err = NatsTransport::connect(NatsConfig::new(&url).credentials_file(&forged))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connection, "{err}");
+    assert!(!format!("{err} {err:?}").contains(&seed));
+
+    let config = NatsConfig::new(&url).credentials_file(&good);
+    assert!(!format!("{config:?}").contains(&seed));
+    let t = NatsTransport::connect(config)
+        .await
+        .expect("the operator vouches for this user's account");
+    round_trip(&t, "creds").await;
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn a_bad_credentials_file_is_a_configuration_error_that_keeps_its_contents_private() {
     let missing = std::env::temp_dir().join("sy-no-such-file.creds");
