@@ -125,22 +125,29 @@ async fn raw_js_consume(
     // and async-nats re-arms a timer per message for them). With
     // async-nats' defaults (30 s requests, no heartbeat) the raw consumer
     // also stalled for about 30 s in some runs.
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(PREFETCH)
-        .expires(Duration::from_secs(2))
-        .heartbeat(Duration::from_secs(1))
-        .messages()
-        .await
-        .map_err(|e| e.to_string())?;
+    let start = || async {
+        consumer
+            .stream()
+            .max_messages_per_batch(PREFETCH)
+            .expires(Duration::from_secs(2))
+            .heartbeat(Duration::from_secs(1))
+            .messages()
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let mut messages = start().await?;
     let started = Instant::now();
     let mut handled = 0;
     while handled < n {
         let m = match messages.next().await.ok_or("ended")? {
             Ok(m) => m,
-            // The server, busy writing to disk, was late with a heartbeat:
-            // the stream goes on (switchyard re-pulls in that case).
-            Err(e) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => continue,
+            // The server, busy writing to disk, was late with a heartbeat.
+            // The stream pulls no more after that: pull anew, as
+            // switchyard does (a loop that went on waiting would hang).
+            Err(e) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
+                messages = start().await?;
+                continue;
+            }
             Err(e) => return Err(e.to_string()),
         };
         handled += 1;
