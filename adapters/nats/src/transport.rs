@@ -646,7 +646,16 @@ async fn send(
     let ack = js
         .send_publish(subject.to_owned(), message)
         .await
-        .map_err(|e| error(TransportErrorKind::Connection, "publish failed".into(), e))?;
+        .map_err(|e| {
+            // Before it is sent: too large with its headers (the payload
+            // alone was checked), or the connection.
+            let kind = match e.kind() {
+                PublishErrorKind::MaxPayloadExceeded => TransportErrorKind::TooLarge,
+                PublishErrorKind::TimedOut => TransportErrorKind::Timeout,
+                _ => TransportErrorKind::Connection,
+            };
+            error(kind, format!("cannot publish to {subject:?}"), e)
+        })?;
     ack.await.map(drop).map_err(|e| {
         let kind = match e.kind() {
             PublishErrorKind::StreamNotFound => TransportErrorKind::NotFound,

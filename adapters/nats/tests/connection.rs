@@ -34,6 +34,27 @@ async fn round_trip(t: &NatsTransport, queue: &str) {
     d.ack().await.unwrap();
 }
 
+/// A private server in `dir` that authenticates clients as `conf` (a
+/// server configuration file's text) says; checks that it refuses a client
+/// with no credentials, and returns it with its URL.
+async fn server_requiring_auth(
+    dir: &std::path::Path,
+    port: u16,
+    conf: &str,
+) -> (PrivateServer, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("server.conf");
+    std::fs::write(&path, conf).unwrap();
+    let server = PrivateServer::start(port, &dir.join("js"), &["-c", path.to_str().unwrap()]);
+    server.wait_ready().await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let err = NatsTransport::connect(NatsConfig::new(&url))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connection, "{err}");
+    (server, url)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_urls_verify_the_server_against_the_configured_ca() {
     let certs = TestCertificates::generate().unwrap();
@@ -70,25 +91,15 @@ async fn nkey_authentication_works_and_the_seed_never_shows() {
     let user = nkeys::KeyPair::new_user();
     let seed = user.seed().unwrap();
     let dir = store("nkey");
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("server.conf");
-    std::fs::write(
-        &conf,
-        format!(
+    let (server, url) = server_requiring_auth(
+        &dir,
+        port(1),
+        &format!(
             "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
             user.public_key()
         ),
     )
-    .unwrap();
-    let port = port(1);
-    let server = PrivateServer::start(port, &dir.join("js"), &["-c", conf.to_str().unwrap()]);
-    server.wait_ready().await;
-    let url = format!("nats://127.0.0.1:{port}");
-
-    let err = NatsTransport::connect(NatsConfig::new(&url))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), TransportErrorKind::Connection, "{err}");
+    .await;
 
     let stranger = nkeys::KeyPair::new_user().seed().unwrap();
     let err = NatsTransport::connect(NatsConfig::new(&url).nkey(stranger.clone()))
@@ -195,18 +206,17 @@ async fn a_credentials_file_authenticates_against_an_operator_mode_server() {
     let user_jwt = jwt(&account, &user.public_key(), "sy-user", user_claims.clone());
 
     let dir = store("creds");
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("server.conf");
-    std::fs::write(
-        &conf,
-        format!(
+    let (server, url) = server_requiring_auth(
+        &dir,
+        port(2),
+        &format!(
             "operator: \"{operator_jwt}\"\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{system_jwt}\"\n  {}: \"{account_jwt}\"\n}}\n",
             system.public_key(),
             system.public_key(),
             account.public_key()
         ),
     )
-    .unwrap();
+    .await;
     let good = dir.join("user.creds");
     let seed = user.seed().unwrap();
     std::fs::write(&good, creds(&user_jwt, &seed)).unwrap();
@@ -222,15 +232,6 @@ async fn a_credentials_file_authenticates_against_an_operator_mode_server() {
     )
     .unwrap();
 
-    let port = port(2);
-    let server = PrivateServer::start(port, &dir.join("js"), &["-c", conf.to_str().unwrap()]);
-    server.wait_ready().await;
-    let url = format!("nats://127.0.0.1:{port}");
-
-    let err = NatsTransport::connect(NatsConfig::new(&url))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), TransportErrorKind::Connection, "{err}");
     let err = NatsTransport::connect(NatsConfig::new(&url).credentials_file(&forged))
         .await
         .unwrap_err();

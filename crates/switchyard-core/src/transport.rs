@@ -210,7 +210,8 @@ pub struct Capabilities {
     /// up. Elsewhere it does not yield on purpose: each yield lets the
     /// client write the few settlements queued so far, and many small
     /// writes cost client and broker alike (tokio's cooperative budget
-    /// still makes the consumer yield now and then).
+    /// still makes the consumer yield now and then, and it yields after
+    /// 1,024 in a row in any case).
     pub settlement_batches_per_window: u32,
 }
 

@@ -360,8 +360,8 @@ where
         // many it may finish before it does.
         let mut in_a_row = 0usize;
         let yield_every = match caps.settlement_batches_per_window {
-            0 => usize::MAX,
-            batches => (concurrency / batches as usize).max(MIN_IN_A_ROW),
+            0 => MAX_IN_A_ROW,
+            batches => (concurrency / batches as usize).clamp(MIN_IN_A_ROW, MAX_IN_A_ROW),
         };
         loop {
             if in_a_row >= yield_every {
@@ -485,6 +485,12 @@ where
 /// The fewest deliveries the run loop finishes in a row before it yields
 /// (see `Capabilities::settlement_batches_per_window`).
 const MIN_IN_A_ROW: usize = 16;
+
+/// The most: tokio's cooperative budget makes the loop yield when the
+/// transport's stream uses tokio's primitives, but a stream that is always
+/// ready without them (and handlers done at once) would otherwise keep its
+/// thread for as long as the backlog lasts.
+const MAX_IN_A_ROW: usize = 1024;
 
 /// How long releasing in-flight deliveries may take after the drain timeout.
 const RELEASE_GRACE: Duration = Duration::from_secs(10);
@@ -726,5 +732,116 @@ async fn settle(
             ConsumerStats::bump(&stats.settle_failed);
             tracing::warn!(message_id = %id, error = %e, kind = ?e.kind(), "settlement failed; the broker will redeliver");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::transport::{Capabilities, DeliveryStream};
+    use crate::{Envelope, Handler, Message, Router, Topology};
+
+    /// Deliveries that are always ready, from a stream that uses none of
+    /// tokio's primitives (so it spends no cooperative budget), settled at
+    /// once: the consumer never has to wait. 5,000 of them, then the stream
+    /// ends (a consumer that never yielded would fail the test, not hang
+    /// it).
+    struct AlwaysReady;
+
+    struct Settled;
+
+    impl Settler for Settled {
+        fn settle(
+            self: Box<Self>,
+            _: Settlement,
+        ) -> BoxFuture<'static, Result<(), TransportError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    impl Transport for AlwaysReady {
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::full()
+        }
+        fn declare<'a>(&'a self, _: &'a Topology) -> BoxFuture<'a, Result<(), TransportError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn publish<'a>(
+            &'a self,
+            _: &'a str,
+            _: Envelope,
+        ) -> BoxFuture<'a, Result<(), TransportError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn subscribe<'a>(
+            &'a self,
+            _: &'a str,
+            _: SubscribeOptions,
+        ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
+            let deliveries = futures_util::stream::repeat_with(|| {
+                let envelope = Arc::new(Envelope::new(Tick::TYPE, "{}"));
+                Ok(Delivery::new(
+                    envelope,
+                    1,
+                    Box::new(Settled) as Box<dyn Settler>,
+                ))
+            })
+            .take(5_000);
+            Box::pin(async move { Ok(Box::pin(deliveries) as DeliveryStream) })
+        }
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Tick {}
+
+    impl Message for Tick {
+        const TYPE: &'static str = "test.tick";
+    }
+
+    /// Counts, and notes whether the other task has run yet.
+    struct Count {
+        handled: Arc<AtomicU64>,
+        other_ran: Arc<AtomicBool>,
+        handled_before_it: Arc<AtomicU64>,
+    }
+
+    impl Handler<Tick> for Count {
+        async fn handle(&self, _: Tick, _: &crate::Context) -> Result<(), crate::HandleError> {
+            let n = self.handled.fetch_add(1, Ordering::Relaxed) + 1;
+            if !self.other_ran.load(Ordering::Relaxed) {
+                self.handled_before_it.store(n, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_consumer_that_never_waits_still_lets_other_tasks_run() {
+        let (handled, other_ran, before) = Default::default();
+        let count = Count {
+            handled: Arc::clone(&handled),
+            other_ran: Arc::clone(&other_ran),
+            handled_before_it: Arc::clone(&before),
+        };
+        let consumer = Consumer::builder(AlwaysReady, "endless")
+            .concurrency(64)
+            .serve(Router::builder().route(count).build())
+            .spawn();
+        // On this one thread the consumer runs first; the task below runs
+        // only once the consumer yields.
+        let flag = Arc::clone(&other_ran);
+        tokio::spawn(async move { flag.store(true, Ordering::Relaxed) })
+            .await
+            .unwrap();
+        let before = before.load(Ordering::Relaxed);
+        assert!(
+            (1..=MAX_IN_A_ROW as u64).contains(&before),
+            "the other task ran after {before} deliveries"
+        );
+        // It goes on until the stream ends (and then stops with an error).
+        let _ = consumer.shutdown().await;
+        assert!(handled.load(Ordering::Relaxed) >= before);
     }
 }
