@@ -31,9 +31,13 @@ pub(crate) mod testing {
     };
 
     /// A transport that accepts every publish and has nothing to consume.
-    pub(crate) struct NoTransport;
+    pub(crate) const NO_TRANSPORT: TestTransport = TestTransport(None);
 
-    impl Transport for NoTransport {
+    /// A transport that accepts every publish; its subscriptions get the
+    /// stream the function makes, or fail where there is none.
+    pub(crate) struct TestTransport(pub(crate) Option<fn() -> DeliveryStream>);
+
+    impl Transport for TestTransport {
         fn capabilities(&self) -> Capabilities {
             Capabilities::full()
         }
@@ -52,12 +56,10 @@ pub(crate) mod testing {
             _: &'a str,
             _: SubscribeOptions,
         ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
-            Box::pin(async {
-                Err(TransportError::new(
-                    TransportErrorKind::Unsupported,
-                    "nothing to consume",
-                ))
-            })
+            let deliveries = self.0.map(|make| make()).ok_or_else(|| {
+                TransportError::new(TransportErrorKind::Unsupported, "nothing to consume")
+            });
+            Box::pin(async move { deliveries })
         }
     }
 }

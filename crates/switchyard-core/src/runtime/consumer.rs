@@ -740,15 +740,27 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     use super::*;
-    use crate::transport::{Capabilities, DeliveryStream};
-    use crate::{Envelope, Handler, Message, Router, Topology};
+    use crate::transport::DeliveryStream;
+    use crate::{Envelope, Handler, Message, Router};
 
     /// Deliveries that are always ready, from a stream that uses none of
     /// tokio's primitives (so it spends no cooperative budget), settled at
     /// once: the consumer never has to wait. 5,000 of them, then the stream
     /// ends (a consumer that never yielded would fail the test, not hang
     /// it).
-    struct AlwaysReady;
+    fn always_ready() -> DeliveryStream {
+        Box::pin(
+            futures_util::stream::repeat_with(|| {
+                let envelope = Arc::new(Envelope::new(Tick::TYPE, "{}"));
+                Ok(Delivery::new(
+                    envelope,
+                    1,
+                    Box::new(Settled) as Box<dyn Settler>,
+                ))
+            })
+            .take(5_000),
+        )
+    }
 
     struct Settled;
 
@@ -758,38 +770,6 @@ mod tests {
             _: Settlement,
         ) -> BoxFuture<'static, Result<(), TransportError>> {
             Box::pin(async { Ok(()) })
-        }
-    }
-
-    impl Transport for AlwaysReady {
-        fn capabilities(&self) -> Capabilities {
-            Capabilities::full()
-        }
-        fn declare<'a>(&'a self, _: &'a Topology) -> BoxFuture<'a, Result<(), TransportError>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn publish<'a>(
-            &'a self,
-            _: &'a str,
-            _: Envelope,
-        ) -> BoxFuture<'a, Result<(), TransportError>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn subscribe<'a>(
-            &'a self,
-            _: &'a str,
-            _: SubscribeOptions,
-        ) -> BoxFuture<'a, Result<DeliveryStream, TransportError>> {
-            let deliveries = futures_util::stream::repeat_with(|| {
-                let envelope = Arc::new(Envelope::new(Tick::TYPE, "{}"));
-                Ok(Delivery::new(
-                    envelope,
-                    1,
-                    Box::new(Settled) as Box<dyn Settler>,
-                ))
-            })
-            .take(5_000);
-            Box::pin(async move { Ok(Box::pin(deliveries) as DeliveryStream) })
         }
     }
 
@@ -825,7 +805,8 @@ mod tests {
             other_ran: Arc::clone(&other_ran),
             handled_before_it: Arc::clone(&before),
         };
-        let consumer = Consumer::builder(AlwaysReady, "endless")
+        let transport = crate::testing::TestTransport(Some(always_ready));
+        let consumer = Consumer::builder(transport, "endless")
             .concurrency(64)
             .serve(Router::builder().route(count).build())
             .spawn();

@@ -205,7 +205,7 @@ mod tests {
         let env = Envelope::new("t", "{}").with_partition_key(key);
         Incoming::new(
             Arc::new(env),
-            Publisher::new(Arc::new(crate::testing::NoTransport)),
+            Publisher::new(Arc::new(crate::testing::NO_TRANSPORT)),
             "q",
         )
     }
@@ -255,7 +255,7 @@ mod tests {
             let env = Envelope::new("t", "slow").with_partition_key("k");
             svc.call(Incoming::new(
                 Arc::new(env),
-                Publisher::new(Arc::new(crate::testing::NoTransport)),
+                Publisher::new(Arc::new(crate::testing::NO_TRANSPORT)),
                 "q",
             ))
         };

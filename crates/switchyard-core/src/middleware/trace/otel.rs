@@ -74,7 +74,7 @@ mod tests {
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
         let incoming = Incoming::new(
             Arc::new(env),
-            Publisher::new(Arc::new(crate::testing::NoTransport)),
+            Publisher::new(Arc::new(crate::testing::NO_TRANSPORT)),
             "q",
         );
         let outcome = traced.ready().await.unwrap().call(incoming).await.unwrap();
