@@ -649,26 +649,28 @@ async fn send(
         .map_err(|e| {
             // Before it is sent: too large with its headers (the payload
             // alone was checked), or the connection.
-            let kind = match e.kind() {
-                PublishErrorKind::MaxPayloadExceeded => TransportErrorKind::TooLarge,
-                PublishErrorKind::TimedOut => TransportErrorKind::Timeout,
-                _ => TransportErrorKind::Connection,
-            };
+            let kind = publish_error_kind(e.kind(), TransportErrorKind::Connection);
             error(kind, format!("cannot publish to {subject:?}"), e)
         })?;
     ack.await.map(drop).map_err(|e| {
-        let kind = match e.kind() {
-            PublishErrorKind::StreamNotFound => TransportErrorKind::NotFound,
-            PublishErrorKind::MaxPayloadExceeded => TransportErrorKind::TooLarge,
-            PublishErrorKind::TimedOut => TransportErrorKind::Timeout,
-            _ => TransportErrorKind::Rejected,
-        };
+        let kind = publish_error_kind(e.kind(), TransportErrorKind::Rejected);
         error(
             kind,
             format!("JetStream did not store the message for {subject:?}"),
             e,
         )
     })
+}
+
+/// What a failed JetStream publish is, `otherwise` where async-nats does
+/// not say.
+fn publish_error_kind(kind: PublishErrorKind, otherwise: TransportErrorKind) -> TransportErrorKind {
+    match kind {
+        PublishErrorKind::StreamNotFound => TransportErrorKind::NotFound,
+        PublishErrorKind::MaxPayloadExceeded => TransportErrorKind::TooLarge,
+        PublishErrorKind::TimedOut => TransportErrorKind::Timeout,
+        _ => otherwise,
+    }
 }
 
 /// What one subscription's deliveries share.
@@ -844,7 +846,7 @@ impl Settler for NatsSettler {
         }
         // Each kind in a future of its own: the dead-letter one carries a
         // publish and is several times larger than the others. Each keeps
-        // the settler (and its prefetch permit) until the ack is sent.
+        // the settler (and its prefetch slot) until the ack is sent.
         let kind = match settlement {
             Settlement::Ack if self.slot.transport.inner.config.double_ack => {
                 return Box::pin(async move {

@@ -19,11 +19,11 @@ const TENANT: &str = "switchyard-tenant";
 const REPLY_TO: &str = "switchyard-reply-to";
 const CONTENT_TYPE: &str = "switchyard-content-type";
 const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
 /// On a dead letter: the subject the message was published to.
 pub(crate) const DEAD_LETTER_SUBJECT: &str = "switchyard-dead-letter-subject";
 /// On a dead letter: its sequence number in the stream it came from.
 pub(crate) const DEAD_LETTER_STREAM_SEQUENCE: &str = "switchyard-dead-letter-stream-sequence";
-const TRACESTATE: &str = "tracestate";
 
 /// The optional string fields with a header of their own, by name.
 const OPTIONAL: [(&str, HeaderName); 9] = [

@@ -741,7 +741,7 @@ async fn dlq(cx: &Cx, action: DlqAction) -> Result<(), Failure> {
                         let dead_letter: Vec<String> = env
                             .headers
                             .iter()
-                            .filter(|(name, _)| name.starts_with("switchyard-dead-letter-"))
+                            .filter(|(name, _)| name.starts_with(header_names::DEAD_LETTER_PREFIX))
                             .map(|(name, _)| name.to_owned())
                             .collect();
                         for h in dead_letter {

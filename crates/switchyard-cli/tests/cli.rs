@@ -264,7 +264,7 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
         .envelope()
         .headers
         .iter()
-        .filter(|(name, _)| name.starts_with("switchyard-dead-letter-"))
+        .filter(|(name, _)| name.starts_with(header_names::DEAD_LETTER_PREFIX))
         .collect();
     assert!(
         left.is_empty(),

@@ -104,6 +104,10 @@ pub mod header_names {
     pub const DEAD_LETTER_SOURCE: &str = "switchyard-dead-letter-source";
     /// When the message was dead-lettered (RFC 3339).
     pub const DEAD_LETTER_AT: &str = "switchyard-dead-letter-at";
+    /// What every dead-letter header's name starts with, the ones above and
+    /// an adapter's own (JetStream's subject and stream sequence): a replay
+    /// removes them all.
+    pub const DEAD_LETTER_PREFIX: &str = "switchyard-dead-letter-";
     /// Set on a message replayed from a dead-letter queue (RFC 3339): it
     /// keeps its id, so brokers that deduplicate on publish (JetStream's
     /// `Nats-Msg-Id`, SQS FIFO) derive their deduplication id from the id and
