@@ -1029,9 +1029,12 @@ impl Pull {
                     deadline: received + queue.visibility,
                     _permit: slot,
                 };
-                deliveries.push(
-                    Delivery::new(envelope, attempt, Box::new(settler)).with_received_at(received),
-                );
+                deliveries.push(Delivery::received(
+                    envelope,
+                    attempt,
+                    received,
+                    Box::new(settler),
+                ));
             }
             Ok(deliveries)
         });

@@ -320,10 +320,22 @@ pub struct Delivery {
 impl Delivery {
     /// A delivery of `envelope`, received now; `attempt` starts at 1.
     pub fn new(envelope: Arc<Envelope>, attempt: u32, settler: Box<dyn Settler>) -> Self {
+        Self::received(envelope, attempt, Instant::now(), settler)
+    }
+
+    /// A delivery of `envelope` that the broker handed over at
+    /// `received_at` (leases count from then): for an adapter that read the
+    /// clock already, e.g. for the lease's deadline.
+    pub fn received(
+        envelope: Arc<Envelope>,
+        attempt: u32,
+        received_at: Instant,
+        settler: Box<dyn Settler>,
+    ) -> Self {
         Delivery {
             envelope,
             attempt,
-            received_at: Instant::now(),
+            received_at,
             settler,
         }
     }

@@ -4,8 +4,10 @@
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
@@ -406,15 +408,18 @@ where
                     }
                     Ok(Some(Ok(delivery))) => {
                         ConsumerStats::bump(&shared.stats.received);
-                        let job = Job::start(delivery, &mut service, &shared);
-                        let mut job: BoxFuture<'static, ()> = Box::pin(job.finish(Arc::clone(&shared)));
                         // Most deliveries are done on their first poll (a
                         // handler that does not wait, settlement queued):
                         // only the others are tracked.
-                        if futures_util::poll!(job.as_mut()).is_pending() {
-                            in_flight.push(job);
-                        } else {
-                            in_a_row += 1;
+                        let mut delivery = Some(delivery);
+                        let pending = std::future::poll_fn(|cx| {
+                            let delivery = delivery.take().expect("polled once");
+                            Poll::Ready(start(delivery, &mut service, &shared, cx))
+                        })
+                        .await;
+                        match pending {
+                            Some(job) => in_flight.push(job),
+                            None => in_a_row += 1,
                         }
                     }
                     Ok(Some(Err(e))) if e.kind() == TransportErrorKind::Closed => {
@@ -503,9 +508,12 @@ const MIN_LEASE: Duration = Duration::from_millis(30);
 /// error (a layer's error, a panic in a layer), per attempt.
 const UNCLASSIFIED_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The pipeline's future for one delivery, caught if it panics.
+type Call<F> = Pin<Box<futures_util::future::CatchUnwind<AssertUnwindSafe<F>>>>;
+
 /// One delivery on its way through the pipeline.
 struct Job<F> {
-    call: Result<F, Box<dyn std::any::Any + Send>>,
+    call: Call<F>,
     envelope: Arc<Envelope>,
     attempt: u32,
     received_at: Instant,
@@ -513,106 +521,156 @@ struct Job<F> {
     settler: Box<dyn Settler>,
 }
 
+/// Starts one delivery: calls the pipeline (on the run loop, right after
+/// `poll_ready`) and polls it and its settlement once. Most deliveries are
+/// done by then (a handler that does not wait, a settlement the adapter
+/// only queues), and nothing else is allocated for them; the others come
+/// back as a future to track.
+fn start<S, F, E>(
+    delivery: Delivery,
+    service: &mut S,
+    shared: &Arc<Shared>,
+    cx: &mut TaskContext<'_>,
+) -> Option<BoxFuture<'static, ()>>
+where
+    S: Service<Incoming, Future = F, Error = E>,
+    F: Future<Output = Result<Outcome, E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    let (envelope, attempt, received_at, settler) = delivery.into_parts();
+    if attempt > shared.poison_threshold {
+        // Do not run it again: earlier attempts never settled.
+        let outcome = Outcome::DeadLetter {
+            reason: DeadLetterReason::MaxAttempts,
+            detail: format!(
+                "delivered {attempt} times, over the budget of {}; earlier attempts never settled (the handler may crash the process)",
+                shared.max_attempts
+            ),
+        };
+        return settle_now(shared, settler, envelope, attempt, outcome, cx);
+    }
+    if settler
+        .lease_deadline()
+        .is_some_and(|d| d <= Instant::now())
+    {
+        // It waited in the prefetch buffer past its lease: the broker is
+        // handing it to someone else already.
+        tracing::debug!(message_id = %envelope.id, "lease expired before the handler started; skipping");
+        return None;
+    }
+    let cancel = CancellationToken::new();
+    let incoming = Incoming {
+        envelope: Arc::clone(&envelope),
+        attempt,
+        max_attempts: shared.max_attempts,
+        received_at,
+        cancel: cancel.clone(),
+        publisher: shared.publisher.clone(),
+        source: Arc::clone(&shared.source),
+        trace: envelope.trace.clone(),
+    };
+    let mut call = match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(incoming))) {
+        Ok(future) => Box::pin(AssertUnwindSafe(future).catch_unwind()),
+        Err(panic) => {
+            let outcome = panicked(&*panic, attempt);
+            return settle_now(shared, settler, envelope, attempt, outcome, cx);
+        }
+    };
+    match call.as_mut().poll(cx) {
+        Poll::Ready(result) => {
+            // Its clean-up has run: the pipeline's future is dropped before
+            // the delivery is settled.
+            drop(call);
+            let outcome = outcome_of(result, attempt);
+            settle_now(shared, settler, envelope, attempt, outcome, cx)
+        }
+        Poll::Pending => Some(Box::pin(
+            Job {
+                call,
+                envelope,
+                attempt,
+                received_at,
+                cancel,
+                settler,
+            }
+            .finish(Arc::clone(shared)),
+        )),
+    }
+}
+
+/// The outcome of a pipeline that returned (or panicked).
+fn outcome_of<E: Into<BoxError>>(
+    result: Result<Result<Outcome, E>, Box<dyn std::any::Any + Send>>,
+    attempt: u32,
+) -> Outcome {
+    match result {
+        Ok(Ok(outcome)) => outcome,
+        // An error from a layer (tower's Timeout, LoadShed, ...) is transient.
+        Ok(Err(e)) => Outcome::Retry {
+            delay: UNCLASSIFIED_BACKOFF * attempt,
+            detail: e.into().to_string(),
+        },
+        Err(panic) => panicked(&*panic, attempt),
+    }
+}
+
+fn panicked(panic: &(dyn std::any::Any + Send), attempt: u32) -> Outcome {
+    Outcome::Retry {
+        delay: UNCLASSIFIED_BACKOFF * attempt,
+        detail: format!("pipeline panicked: {}", panic_message(panic)),
+    }
+}
+
+/// Settles `outcome`, polling the settlement once; what is left of it if it
+/// is not done.
+fn settle_now(
+    shared: &Arc<Shared>,
+    settler: Box<dyn Settler>,
+    envelope: Arc<Envelope>,
+    attempt: u32,
+    outcome: Outcome,
+    cx: &mut TaskContext<'_>,
+) -> Option<BoxFuture<'static, ()>> {
+    let Some((settlement, counter)) = settlement_of(shared, &envelope.id, attempt, outcome) else {
+        return Some(Box::pin(release(Arc::clone(shared), settler, envelope)));
+    };
+    let mut settling = settler.settle(settlement);
+    match settling.as_mut().poll(cx) {
+        Poll::Ready(result) => {
+            record(shared, &envelope.id, counter, result);
+            None
+        }
+        Poll::Pending => {
+            let shared = Arc::clone(shared);
+            Some(Box::pin(async move {
+                let result = settling.await;
+                record(&shared, &envelope.id, counter, result);
+            }))
+        }
+    }
+}
+
 impl<F, E> Job<F>
 where
     F: Future<Output = Result<Outcome, E>> + Send + 'static,
     E: Into<BoxError>,
 {
-    /// Calls the pipeline (on the run loop, right after `poll_ready`).
-    fn start<S>(delivery: Delivery, service: &mut S, shared: &Shared) -> Self
-    where
-        S: Service<Incoming, Future = F, Error = E>,
-    {
-        let (envelope, attempt, received_at, settler) = delivery.into_parts();
-        let cancel = CancellationToken::new();
-        let call = if attempt > shared.poison_threshold {
-            // Do not run it again: see `finish`.
-            Err(Box::new(()) as Box<dyn std::any::Any + Send>)
-        } else {
-            let incoming = Incoming {
-                envelope: Arc::clone(&envelope),
-                attempt,
-                max_attempts: shared.max_attempts,
-                received_at,
-                cancel: cancel.clone(),
-                publisher: shared.publisher.clone(),
-                source: Arc::clone(&shared.source),
-                trace: envelope.trace.clone(),
-            };
-            std::panic::catch_unwind(AssertUnwindSafe(|| service.call(incoming)))
-        };
-        Job {
-            call,
-            envelope,
-            attempt,
-            received_at,
-            cancel,
-            settler,
-        }
-    }
-
-    /// Runs the pipeline's future, keeps the lease, and settles.
+    /// Runs the rest of the pipeline's future, keeps the lease, and settles.
     async fn finish(self, shared: Arc<Shared>) {
         let Job {
-            call,
+            mut call,
             envelope,
             attempt,
             received_at,
             cancel,
             mut settler,
         } = self;
-        let id = &envelope.id;
-
-        if attempt > shared.poison_threshold {
-            let outcome = Outcome::DeadLetter {
-                reason: DeadLetterReason::MaxAttempts,
-                detail: format!(
-                    "delivered {attempt} times, over the budget of {}; earlier attempts never settled (the handler may crash the process)",
-                    shared.max_attempts
-                ),
-            };
-            settle(&shared, settler, id, attempt, outcome).await;
-            return;
-        }
-        if settler
-            .lease_deadline()
-            .is_some_and(|d| d <= Instant::now())
-        {
-            // It waited in the prefetch buffer past its lease: the broker is
-            // handing it to someone else already.
-            tracing::debug!(message_id = %id, "lease expired before the handler started; skipping");
-            drop(settler);
-            return;
-        }
-
         let outcome = {
-            let call = async {
-                match call {
-                    Ok(future) => match AssertUnwindSafe(future).catch_unwind().await {
-                        Ok(Ok(outcome)) => outcome,
-                        // An error from a layer (tower's Timeout, LoadShed, ...) is transient.
-                        Ok(Err(e)) => Outcome::Retry {
-                            delay: UNCLASSIFIED_BACKOFF * attempt,
-                            detail: e.into().to_string(),
-                        },
-                        Err(panic) => Outcome::Retry {
-                            delay: UNCLASSIFIED_BACKOFF * attempt,
-                            detail: format!("pipeline panicked: {}", panic_message(&*panic)),
-                        },
-                    },
-                    Err(panic) => Outcome::Retry {
-                        delay: UNCLASSIFIED_BACKOFF * attempt,
-                        detail: format!("pipeline panicked: {}", panic_message(&*panic)),
-                    },
-                }
-            };
-            tokio::pin!(call);
-            let keeper = keep_lease(&mut *settler, received_at, id);
-            // Biased: a pipeline that is done on its first poll (the common
-            // case) never arms the shutdown or lease branches.
+            let keeper = keep_lease(&mut *settler, received_at, &envelope.id);
+            // Biased: the pipeline first, as on its first poll.
             let first = tokio::select! {
                 biased;
-                outcome = &mut call => Some(outcome),
+                result = &mut call => Some(outcome_of(result, attempt)),
                 _ = shared.hard_stop.cancelled() => None,
                 _ = keeper => None,
             };
@@ -622,32 +680,35 @@ where
                     // Shutdown's drain timeout passed: tell the handler, and
                     // give it one chance to finish before it is dropped.
                     cancel.cancel();
-                    match futures_util::poll!(&mut call) {
-                        std::task::Poll::Ready(outcome) => Some(outcome),
-                        std::task::Poll::Pending => None,
+                    match futures_util::poll!(call.as_mut()) {
+                        Poll::Ready(result) => Some(outcome_of(result, attempt)),
+                        Poll::Pending => None,
                     }
                 }
             }
-            // The pipeline's future is dropped here, so its clean-up runs
-            // before the delivery is settled or released.
         };
+        // The pipeline's future is dropped here, so its clean-up runs
+        // before the delivery is settled or released.
+        drop(call);
+        let settled = outcome.and_then(|o| settlement_of(&shared, &envelope.id, attempt, o));
+        match settled {
+            Some((settlement, counter)) => {
+                let result = settler.settle(settlement).await;
+                record(&shared, &envelope.id, counter, result);
+            }
+            None => release(shared, settler, envelope).await,
+        }
+    }
+}
 
-        let outcome = match outcome {
-            Some(Outcome::Ack(reason)) => Outcome::Ack(reason),
-            Some(outcome) if !shared.hard_stop.is_cancelled() => outcome,
-            // Shutdown is not failure: give it back without counting an attempt.
-            _ => {
-                match settler.settle(Settlement::Release).await {
-                    Ok(()) => ConsumerStats::bump(&shared.stats.released),
-                    Err(e) => {
-                        ConsumerStats::bump(&shared.stats.settle_failed);
-                        tracing::warn!(message_id = %id, error = %e, "release failed; the broker will redeliver");
-                    }
-                }
-                return;
-            }
-        };
-        settle(&shared, settler, id, attempt, outcome).await;
+/// Gives a delivery back at shutdown, without counting an attempt.
+async fn release(shared: Arc<Shared>, settler: Box<dyn Settler>, envelope: Arc<Envelope>) {
+    match settler.settle(Settlement::Release).await {
+        Ok(()) => ConsumerStats::bump(&shared.stats.released),
+        Err(e) => {
+            ConsumerStats::bump(&shared.stats.settle_failed);
+            tracing::warn!(message_id = %envelope.id, error = %e, "release failed; the broker will redeliver");
+        }
     }
 }
 
@@ -688,20 +749,30 @@ async fn keep_lease(settler: &mut dyn Settler, received_at: Instant, id: &Messag
     }
 }
 
-async fn settle(
+/// Which counter a settlement bumps once the broker has it.
+#[derive(Clone, Copy)]
+enum Counter {
+    Acked,
+    Retried,
+    DeadLettered,
+}
+
+/// The settlement of `outcome`; `None` when the delivery is to be given
+/// back instead (shutdown's drain timeout passed, and it was not handled).
+fn settlement_of(
     shared: &Shared,
-    settler: Box<dyn Settler>,
     id: &MessageId,
     attempt: u32,
     outcome: Outcome,
-) {
-    let stats = &shared.stats;
-    let (settlement, counter) = match outcome {
-        Outcome::Ack(_) => (Settlement::Ack, &stats.acked),
+) -> Option<(Settlement, Counter)> {
+    Some(match outcome {
+        Outcome::Ack(_) => (Settlement::Ack, Counter::Acked),
+        // Shutdown is not failure: give it back without counting an attempt.
+        _ if shared.hard_stop.is_cancelled() => return None,
         Outcome::Retry { delay, detail } if attempt < shared.max_attempts => {
             let delay = shared.max_retry_delay.map_or(delay, |max| delay.min(max));
             tracing::debug!(message_id = %id, attempt, ?delay, %detail, "retrying");
-            (Settlement::Retry { delay }, &stats.retried)
+            (Settlement::Retry { delay }, Counter::Retried)
         }
         Outcome::Retry { detail, .. } => {
             tracing::warn!(message_id = %id, attempt, %detail, "attempts exhausted; dead-lettering");
@@ -711,7 +782,7 @@ async fn settle(
                     detail,
                     attempts: attempt,
                 },
-                &stats.dead_lettered,
+                Counter::DeadLettered,
             )
         }
         Outcome::DeadLetter { reason, detail } => {
@@ -722,12 +793,21 @@ async fn settle(
                     detail,
                     attempts: attempt,
                 },
-                &stats.dead_lettered,
+                Counter::DeadLettered,
             )
         }
-    };
-    match settler.settle(settlement).await {
-        Ok(()) => ConsumerStats::bump(counter),
+    })
+}
+
+/// Counts a settlement the broker answered.
+fn record(shared: &Shared, id: &MessageId, counter: Counter, result: Result<(), TransportError>) {
+    let stats = &shared.stats;
+    match result {
+        Ok(()) => ConsumerStats::bump(match counter {
+            Counter::Acked => &stats.acked,
+            Counter::Retried => &stats.retried,
+            Counter::DeadLettered => &stats.dead_lettered,
+        }),
         Err(e) => {
             ConsumerStats::bump(&stats.settle_failed);
             tracing::warn!(message_id = %id, error = %e, kind = ?e.kind(), "settlement failed; the broker will redeliver");
