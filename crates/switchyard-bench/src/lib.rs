@@ -187,6 +187,19 @@ pub fn cpu_time(pid: &str) -> Option<(Duration, Duration)> {
     Some((ticks(11)?, ticks(12)?))
 }
 
+/// Read and write system calls a process has made so far, from
+/// `/proc/<pid>/io` (`self` for this one): how finely a workload's traffic
+/// is cut into socket reads and writes.
+pub fn syscalls(pid: &str) -> Option<(u64, u64)> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((field("syscr:")?, field("syscw:")?))
+}
+
 /// Context switches of every thread of this process so far (voluntary ones:
 /// a thread that went to sleep waiting for something).
 pub fn context_switches() -> u64 {
@@ -226,26 +239,35 @@ pub async fn with_cpu<T>(
     }
     let server = pid_of(broker);
     let cpu = |pid: Option<&str>| pid.and_then(cpu_time).unwrap_or_default();
-    let (c0, s0, x0) = (
+    let io = |pid: Option<&str>| pid.and_then(syscalls).unwrap_or_default();
+    let (c0, s0, x0, i0, j0) = (
         cpu(Some("self")),
         cpu(server.as_deref()),
         context_switches(),
+        io(Some("self")),
+        io(server.as_deref()),
     );
     let r = work.await;
-    let (c1, s1, x1) = (
+    let (c1, s1, x1, i1, j1) = (
         cpu(Some("self")),
         cpu(server.as_deref()),
         context_switches(),
+        io(Some("self")),
+        io(server.as_deref()),
     );
     if let Ok(wall) = &r {
         let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
         eprintln!(
-            "{label:<42} µs/msg: wall {:>5.2} · client user {:>5.2} sys {:>5.2} · {broker} {:>5.2} · client sleeps/msg {:.2}",
+            "{label:<42} µs/msg: wall {:>5.2} · client user {:>5.2} sys {:>5.2} · {broker} {:>5.2} · client sleeps/msg {:.2} · reads/writes per msg: client {:.2}/{:.2} {broker} {:.2}/{:.2}",
             per(*wall),
             per(c1.0 - c0.0),
             per(c1.1 - c0.1),
             per((s1.0 + s1.1) - (s0.0 + s0.1)),
             (x1 - x0) as f64 / n as f64,
+            (i1.0 - i0.0) as f64 / n as f64,
+            (i1.1 - i0.1) as f64 / n as f64,
+            (j1.0 - j0.0) as f64 / n as f64,
+            (j1.1 - j0.1) as f64 / n as f64,
         );
     }
     r

@@ -28,7 +28,7 @@ fn unique(name: &str) -> String {
 }
 
 /// What the raw client carries with each message.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Raw {
     /// The payload and nothing else.
     Bare,
@@ -248,6 +248,94 @@ async fn raw_core(
     Ok(started.elapsed())
 }
 
+/// Runs so far in this process: every other one turns the order around.
+static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Who publishes and consumes: raw async-nats (with bare payloads or the
+/// same messages), or switchyard. Ordered as reported.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Side {
+    Raw(Raw),
+    Switchyard,
+}
+
+/// A workload's name and how long it took.
+type Timed = (&'static str, Duration);
+
+/// JetStream publish then consume by the raw client, in a stream of its
+/// own that is deleted afterwards.
+async fn raw_js(
+    js: &jetstream::Context,
+    n: u64,
+    payload: &bytes::Bytes,
+    raw: Raw,
+) -> Result<(Timed, Timed), String> {
+    let (publish_name, consume_name) = match raw {
+        Raw::Bare => (
+            "JetStream publish, raw, bare payload",
+            "JetStream consume+ack, raw, bare payload",
+        ),
+        Raw::SameMessages => (
+            "JetStream publish, raw, same messages",
+            "JetStream consume+ack, raw, same messages",
+        ),
+    };
+    let subject = unique("raw");
+    js.get_or_create_stream(stream::Config {
+        name: subject.clone(),
+        subjects: vec![subject.clone()],
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let result = async {
+        let publish = with_cpu(
+            publish_name,
+            SERVER,
+            n,
+            raw_js_publish(js, &subject, n, payload, raw),
+        )
+        .await?;
+        let consume = with_cpu(
+            consume_name,
+            SERVER,
+            n,
+            raw_js_consume(js, &subject, n, raw),
+        )
+        .await?;
+        Ok(((publish_name, publish), (consume_name, consume)))
+    }
+    .await;
+    let _ = js.delete_stream(&subject).await;
+    result
+}
+
+/// JetStream publish then consume through switchyard, on a queue of its
+/// own that is deleted afterwards.
+async fn sy_js(url: &str, n: u64, payload: &bytes::Bytes) -> Result<(Timed, Timed), String> {
+    let t = NatsTransport::connect(NatsConfig::new(url))
+        .await
+        .map_err(|e| e.to_string())?;
+    let q = unique("sy");
+    t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        let publish_name = "JetStream publish, switchyard";
+        let publish = with_cpu(publish_name, SERVER, n, sy_publish(&t, &q, n, payload)).await?;
+        let none = async { Ok(Duration::ZERO) };
+        let consume_name = "JetStream consume+ack, switchyard";
+        let consume = with_cpu(consume_name, SERVER, n, sy_consume(t.clone(), &q, n, none)).await?;
+        Ok(((publish_name, publish), (consume_name, consume)))
+    }
+    .await;
+    let js = jetstream::new(async_nats::connect(url).await.map_err(|e| e.to_string())?);
+    for stream in [q.clone(), format!("{q}_dlq")] {
+        let _ = js.delete_stream(&stream).await;
+    }
+    result
+}
+
 /// Runs every workload once with `n` messages of `size` bytes. The rates
 /// come in groups of three (JetStream publish, JetStream consume, core
 /// pub/sub): raw with bare payloads, raw with the same messages as
@@ -258,90 +346,50 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
     let js = jetstream::new(client.clone());
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     let mut rates = Vec::new();
-    let mut made = Vec::new();
 
     // `SWITCHYARD_BENCH_ONLY=js` or `=core` runs one group, `js-raw` or
     // `js-sy` one side of the JetStream group (for profiling; the ratios
     // are then not printed).
     let only = std::env::var("SWITCHYARD_BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only.starts_with("js") {
-        let mut publish = Vec::new();
-        let mut consume = Vec::new();
-        for (raw, publish_name, consume_name) in [
-            (
-                Raw::Bare,
-                "JetStream publish, raw, bare payload",
-                "JetStream consume+ack, raw, bare payload",
-            ),
-            (
-                Raw::SameMessages,
-                "JetStream publish, raw, same messages",
-                "JetStream consume+ack, raw, same messages",
-            ),
-        ] {
-            if only == "js-sy" {
-                break;
-            }
-            let subject = unique("raw");
-            js.get_or_create_stream(stream::Config {
-                name: subject.clone(),
-                subjects: vec![subject.clone()],
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            made.push(subject.clone());
-            let d = with_cpu(
-                publish_name,
-                SERVER,
-                n,
-                raw_js_publish(&js, &subject, n, &payload, raw),
-            );
-            publish.push(Rate {
-                name: publish_name,
-                per_sec: rate(d.await?),
-            });
-            let d = with_cpu(
-                consume_name,
-                SERVER,
-                n,
-                raw_js_consume(&js, &subject, n, raw),
-            );
-            consume.push(Rate {
-                name: consume_name,
-                per_sec: rate(d.await?),
-            });
+        // Each side in a stream of its own, deleted once it is consumed, so
+        // that every workload meets the server holding the same data; and
+        // the order turns around every other run, so that neither side
+        // always goes first (the server's speed drifts within a run).
+        let turn = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut sides = match only.as_str() {
+            "js-raw" => vec![Side::Raw(Raw::Bare), Side::Raw(Raw::SameMessages)],
+            "js-sy" => vec![Side::Switchyard],
+            _ => vec![
+                Side::Raw(Raw::Bare),
+                Side::Raw(Raw::SameMessages),
+                Side::Switchyard,
+            ],
+        };
+        let mut measured = Vec::new();
+        if turn % 2 == 1 {
+            sides.reverse();
         }
-
-        if only == "js-raw" {
-            rates.extend(publish);
-            rates.extend(consume);
+        for side in sides {
+            let (publish, consume) = match side {
+                Side::Raw(raw) => raw_js(&js, n, &payload, raw).await?,
+                Side::Switchyard => sy_js(url, n, &payload).await?,
+            };
+            measured.push((side, publish, consume));
+        }
+        // Reported in one order: raw bare, raw same messages, switchyard.
+        measured.sort_by_key(|(side, _, _)| *side);
+        rates.extend(measured.iter().map(|(_, p, _)| Rate {
+            name: p.0,
+            per_sec: rate(p.1),
+        }));
+        rates.extend(measured.iter().map(|(_, _, c)| Rate {
+            name: c.0,
+            per_sec: rate(c.1),
+        }));
+        if only.starts_with("js") {
             return Ok(rates);
         }
-        let t = NatsTransport::connect(NatsConfig::new(url))
-            .await
-            .map_err(|e| e.to_string())?;
-        let q = unique("sy");
-        t.declare(&Topology::new().queue(QueueSpec::new(&q)))
-            .await
-            .map_err(|e| e.to_string())?;
-        made.push(q.clone());
-        made.push(format!("{q}_dlq"));
-        let name = "JetStream publish, switchyard";
-        let d = with_cpu(name, SERVER, n, sy_publish(&t, &q, n, &payload));
-        publish.push(Rate {
-            name,
-            per_sec: rate(d.await?),
-        });
-        let none = async { Ok(Duration::ZERO) };
-        let name = "JetStream consume+ack, switchyard";
-        let d = with_cpu(name, SERVER, n, sy_consume(t.clone(), &q, n, none));
-        consume.push(Rate {
-            name,
-            per_sec: rate(d.await?),
-        });
-        rates.extend(publish);
-        rates.extend(consume);
     }
     if only.is_empty() || only == "core" {
         // Core NATS: publish and receive concurrently (nothing is stored).
@@ -378,9 +426,6 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
             name,
             per_sec: rate(d.await?),
         });
-    }
-    for name in made {
-        let _ = js.delete_stream(&name).await;
     }
     Ok(rates)
 }
