@@ -750,10 +750,7 @@ impl Transport for MemoryTransport {
                 let prefetch = Arc::new(Semaphore::new(options.prefetch));
                 let deliveries =
                     stream::unfold((queue, prefetch), |(queue, prefetch)| async move {
-                        let permit = Arc::clone(&prefetch)
-                            .acquire_owned()
-                            .await
-                            .expect("the prefetch semaphore is never closed");
+                        let permit = switchyard_core::transport::prefetch_slot(&prefetch).await;
                         let (tag, stored, lease_deadline) = queue.next().await;
                         let settler = MemorySettler {
                             queue: Arc::clone(&queue),

@@ -162,10 +162,7 @@ impl Transport for NatsCoreTransport {
                 Box::new((subscriber, permits, subject)),
                 |mut state| async move {
                     let (sub, permits, subject) = &mut *state;
-                    let permit = Arc::clone(permits)
-                        .acquire_owned()
-                        .await
-                        .expect("never closed");
+                    let permit = switchyard_core::transport::prefetch_slot(permits).await;
                     let message = sub.next().await?;
                     let envelope =
                         Arc::new(wire::decode(message.headers.as_ref(), message.payload));

@@ -692,10 +692,8 @@ struct Slot(Arc<Subscription>);
 
 impl Slot {
     async fn take(shared: &Arc<Subscription>) -> Slot {
-        // Without waiting where a slot is free: `acquire` would spend the
-        // task's cooperative budget on every delivery, and the consumer
-        // would be made to yield half as often again as one that does not
-        // count its prefetch.
+        // Without waiting where a slot is free, as `prefetch_slot` (the
+        // permit is forgotten here, and given back by `Slot`).
         let permit = match shared.slots.try_acquire() {
             Ok(permit) => permit,
             Err(_) => shared.slots.acquire().await.expect("never closed"),

@@ -306,6 +306,24 @@ pub trait Settler: Send + 'static {
     }
 }
 
+/// A prefetch slot from `slots` for the next delivery, for adapters that
+/// bound their unsettled deliveries with a semaphore: taken at once when
+/// one is free, awaited only when none is. Awaiting `acquire` every time
+/// spends the consuming task's cooperative budget on every delivery, and
+/// tokio then makes the consumer yield more often than the broker's own
+/// client alone would (on NATS, acks went out in smaller writes).
+pub async fn prefetch_slot(
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> tokio::sync::OwnedSemaphorePermit {
+    match Arc::clone(slots).try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => Arc::clone(slots)
+            .acquire_owned()
+            .await
+            .expect("a prefetch semaphore is never closed"),
+    }
+}
+
 /// One message received from a broker, with the handle that settles it.
 ///
 /// A delivery dropped without being settled is given back to the broker by
