@@ -131,6 +131,14 @@ fn parse_number<T: std::str::FromStr>(s: &str) -> Result<T, String> {
 }
 
 fn main() -> ExitCode {
+    // `SWITCHYARD_BENCH_LOG=<filter>` (e.g. `switchyard_nats=debug`) logs
+    // to stderr, for looking into a stall; logging costs throughput.
+    if let Ok(filter) = std::env::var("SWITCHYARD_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("memory") => parse_options(&args[1..]).and_then(|o| run_table(&o)),

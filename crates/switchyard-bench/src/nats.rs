@@ -36,7 +36,7 @@ enum Raw {
     /// hand-rolled producer needs to match it (a unique id as `Nats-Msg-Id`
     /// so the server drops duplicates, the type, the time); the consumer
     /// reads the id and type and decodes the JSON payload. Both raw
-    /// consumers pull with switchyard's settings (2 s expiry, 1 s
+    /// consumers pull with switchyard's settings (1 s expiry, 500 ms
     /// heartbeats).
     SameMessages,
 }
@@ -129,8 +129,8 @@ async fn raw_js_consume(
         consumer
             .stream()
             .max_messages_per_batch(PREFETCH)
-            .expires(Duration::from_secs(2))
-            .heartbeat(Duration::from_secs(1))
+            .expires(Duration::from_secs(1))
+            .heartbeat(Duration::from_millis(500))
             .messages()
             .await
             .map_err(|e| e.to_string())
