@@ -577,8 +577,9 @@ impl NatsTransport {
             messages: Some(messages),
             pause: Duration::from_millis(100),
         });
-        // Survives a lost server: an interrupted pull is reported once, then
-        // re-created (with backoff) until the server answers again.
+        // Survives a lost server: an interrupted pull is re-created (with
+        // backoff) until the server answers again; an error of the pull
+        // stream is reported once, a missed heartbeat only logged.
         let deliveries = futures_util::stream::unfold(state, |mut pull| async move {
             let slot = Slot::take(&pull.shared).await;
             loop {
@@ -619,6 +620,14 @@ impl NatsTransport {
                     Some(Ok(message)) => {
                         let delivery = pull.delivery(message, slot);
                         return Some((Ok(delivery), pull));
+                    }
+                    Some(Err(e)) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
+                        // Nothing for two heartbeats: a pull request went
+                        // unanswered, or the server is away. Pull anew (with
+                        // backoff while that fails); the connection's own
+                        // events report an outage.
+                        tracing::info!(queue = %pull.shared.queue, "no heartbeat from the server; pulling anew");
+                        pull.messages = None;
                     }
                     Some(Err(e)) => {
                         pull.messages = None;

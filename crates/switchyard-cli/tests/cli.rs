@@ -292,11 +292,12 @@ async fn rabbitmq_dead_letter_workflow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_dead_letter_workflow() {
     // Messages the CLI gives back come back after the pull request it
-    // leaves on the server has expired (2 s): wait a little longer.
+    // leaves on the server has expired (1 s; redelivered after 2 s): wait
+    // a little longer.
     dead_letter_workflow(
         "[transport]\nkind = \"jetstream\"\nurl = \"nats://127.0.0.1:4222\"\n",
         "js",
-        "4s",
+        "3s",
     )
     .await;
 }

@@ -526,6 +526,11 @@ struct Job<F> {
 /// done by then (a handler that does not wait, a settlement the adapter
 /// only queues), and nothing else is allocated for them; the others come
 /// back as a future to track.
+///
+/// A delivery whose lease ran out before it started is dropped without
+/// calling the pipeline (so its layers, metrics included, never see it;
+/// the consumer counts it as received), and one over the attempt budget is
+/// dead-lettered without it.
 fn start<S, F, E>(
     delivery: Delivery,
     service: &mut S,
@@ -537,6 +542,9 @@ where
     F: Future<Output = Result<Outcome, E>> + Send + 'static,
     E: Into<BoxError> + 'static,
 {
+    // Shutdown's hard stop comes after the run loop has stopped starting
+    // deliveries: it only ever meets the ones `finish` tracks.
+    debug_assert!(!shared.hard_stop.is_cancelled());
     let (envelope, attempt, received_at, settler) = delivery.into_parts();
     if attempt > shared.poison_threshold {
         // Do not run it again: earlier attempts never settled.
@@ -758,7 +766,8 @@ enum Counter {
 }
 
 /// The settlement of `outcome`; `None` when the delivery is to be given
-/// back instead (shutdown's drain timeout passed, and it was not handled).
+/// back instead (shutdown's drain timeout passed, and the outcome is not an
+/// ack).
 fn settlement_of(
     shared: &Shared,
     id: &MessageId,
@@ -818,6 +827,7 @@ fn record(shared: &Shared, id: &MessageId, counter: Counter, result: Result<(), 
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
 
     use super::*;
     use crate::transport::DeliveryStream;
@@ -904,5 +914,158 @@ mod tests {
         // It goes on until the stream ends (and then stops with an error).
         let _ = consumer.shutdown().await;
         assert!(handled.load(Ordering::Relaxed) >= before);
+    }
+
+    /// How the deliveries of `recorded` were settled, in order.
+    fn settled(recorded: &Mutex<Vec<&'static str>>) -> Vec<&'static str> {
+        recorded.lock().unwrap().clone()
+    }
+
+    /// Records each settlement in `log` once its future completes, which
+    /// is only on its second poll.
+    struct SlowSettler(&'static Mutex<Vec<&'static str>>);
+
+    impl Settler for SlowSettler {
+        fn settle(
+            self: Box<Self>,
+            settlement: Settlement,
+        ) -> BoxFuture<'static, Result<(), TransportError>> {
+            let kind = match settlement {
+                Settlement::Ack => "ack",
+                Settlement::Retry { .. } => "retry",
+                Settlement::DeadLetter { .. } => "dead-letter",
+                Settlement::Release => "release",
+            };
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                self.0.lock().unwrap().push(kind);
+                Ok(())
+            })
+        }
+    }
+
+    /// `n` deliveries settled by `SlowSettler(log)`, then nothing more (the
+    /// stream stays open).
+    fn slow_settled(n: usize, log: &'static Mutex<Vec<&'static str>>) -> DeliveryStream {
+        Box::pin(
+            futures_util::stream::iter((0..n).map(move |_| {
+                let envelope = Arc::new(Envelope::new(Tick::TYPE, "{}"));
+                Ok(Delivery::new(
+                    envelope,
+                    1,
+                    Box::new(SlowSettler(log)) as Box<dyn Settler>,
+                ))
+            }))
+            .chain(futures_util::stream::pending()),
+        )
+    }
+
+    /// Runs `pipeline` over the `n` deliveries `stream` yields until they
+    /// have been received and `settlements` have been recorded in `log` (or
+    /// 5 s pass), then shuts down.
+    async fn consume<S>(
+        (stream, n): (fn() -> DeliveryStream, u64),
+        log: &'static Mutex<Vec<&'static str>>,
+        settlements: usize,
+        drain_timeout: Duration,
+        pipeline: S,
+    ) -> ShutdownReport
+    where
+        S: Service<Incoming, Response = Outcome> + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let consumer = Consumer::builder(crate::testing::TestTransport(Some(stream)), "q")
+            .drain_timeout(drain_timeout)
+            .serve(pipeline)
+            .spawn();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (consumer.stats().received() < n || log.lock().unwrap().len() < settlements)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        consumer.shutdown().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_settlement_still_pending_after_the_first_poll_is_tracked_to_its_end() {
+        static LOG: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+        let handled = Arc::new(AtomicU64::new(0));
+        let count = Count {
+            handled: Arc::clone(&handled),
+            other_ran: Arc::default(),
+            handled_before_it: Arc::default(),
+        };
+        let report = consume(
+            (|| slow_settled(100, &LOG), 100),
+            &LOG,
+            100,
+            Duration::from_secs(5),
+            Router::builder().route(count).build(),
+        )
+        .await;
+        assert_eq!(settled(&LOG), vec!["ack"; 100]);
+        assert_eq!((report.received, report.acked), (100, 100));
+        assert_eq!(handled.load(Ordering::Relaxed), 100);
+    }
+
+    /// A pipeline whose `call` panics.
+    struct PanicsInCall;
+
+    impl Service<Incoming> for PanicsInCall {
+        type Response = Outcome;
+        type Error = BoxError;
+        type Future = BoxFuture<'static, Result<Outcome, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Incoming) -> Self::Future {
+            panic!("a layer's call panicked")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pipeline_that_panics_in_call_retries_the_delivery_and_goes_on() {
+        static LOG: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+        let report = consume(
+            (|| slow_settled(2, &LOG), 2),
+            &LOG,
+            2,
+            Duration::from_secs(5),
+            PanicsInCall,
+        )
+        .await;
+        assert_eq!(settled(&LOG), vec!["retry", "retry"]);
+        assert_eq!((report.received, report.retried), (2, 2));
+    }
+
+    /// Waits for the delivery's cancellation, then fails transiently.
+    struct FailsWhenCancelled;
+
+    impl Handler<Tick> for FailsWhenCancelled {
+        async fn handle(&self, _: Tick, cx: &crate::Context) -> Result<(), crate::HandleError> {
+            cx.cancellation().cancelled().await;
+            Err(crate::HandleError::transient("cancelled"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_the_drain_timeout_releases_instead_of_retrying() {
+        static LOG: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+        // Nothing is settled until shutdown: wait for the delivery alone.
+        let report = consume(
+            (|| slow_settled(1, &LOG), 1),
+            &LOG,
+            0,
+            Duration::from_millis(50),
+            Router::builder().route(FailsWhenCancelled).build(),
+        )
+        .await;
+        assert_eq!(settled(&LOG), vec!["release"]);
+        assert_eq!((report.released, report.retried), (1, 0));
+        assert!(report.drain_timed_out);
     }
 }
