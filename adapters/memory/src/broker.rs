@@ -752,6 +752,12 @@ impl Transport for MemoryTransport {
                     stream::unfold((queue, prefetch), |(queue, prefetch)| async move {
                         let permit = switchyard_core::transport::prefetch_slot(&prefetch).await;
                         let (tag, stored, lease_deadline) = queue.next().await;
+                        // With a backlog, taking a message never waits: count
+                        // it against the task's cooperative budget, as a
+                        // broker client reading its socket does, so that
+                        // the consumer yields now and then and a competing
+                        // subscription gets its share.
+                        tokio::task::consume_budget().await;
                         let settler = MemorySettler {
                             queue: Arc::clone(&queue),
                             tag,
