@@ -2,14 +2,14 @@
 //! consumer that dead-letters, then list/show/replay/purge and their effect
 //! on the broker; bad configuration; passwords never printed.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
 use futures_util::StreamExt;
 use serde_json::Value;
 use switchyard::{header_names, Config, Message, Router, SubscribeOptions};
+use switchyard_testkit::TempFile;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Other {}
@@ -17,18 +17,11 @@ impl Message for Other {
     const TYPE: &'static str = "test.other";
 }
 
-fn write_config(text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join("switchyard-cli-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{}.toml", switchyard::MessageId::new()));
-    std::fs::File::create(&path)
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    path
+fn write_config(text: &str) -> TempFile {
+    TempFile::new("toml", text)
 }
 
-fn cli(config: &PathBuf, args: &[&str]) -> assert_cmd::assert::Assert {
+fn cli(config: &Path, args: &[&str]) -> assert_cmd::assert::Assert {
     Command::cargo_bin("switchyard")
         .unwrap()
         .arg("--config")
@@ -53,9 +46,10 @@ fn unique(name: &str) -> String {
 /// The whole dead-letter workflow against one broker.
 async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
     let q = unique(label);
-    let config = write_config(&format!(
+    let file = write_config(&format!(
         "{transport_toml}\n[consumers.orders]\nsource = \"{q}\"\nmax_attempts = 2\n"
     ));
+    let config = file.path();
 
     cli(&config, &["topology", "apply"]).success();
     let shown = json_of(&cli(&config, &["topology", "show", "--json"]).success());
@@ -276,7 +270,6 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
         .get(header_names::REPLAYED_AT)
         .is_some());
     d.ack().await.unwrap();
-    let _ = std::fs::remove_file(&config);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,11 +330,10 @@ fn bad_configuration_gets_one_clear_error_and_exit_code_2() {
         ),
     ];
     for (text, expected) in cases {
-        let config = write_config(text);
-        let out = cli(&config, &["stats"]).code(2);
+        let file = write_config(text);
+        let out = cli(file.path(), &["stats"]).code(2);
         let err = String::from_utf8(out.get_output().stderr.clone()).unwrap();
         assert!(err.contains(expected), "{text}: {err}");
-        let _ = std::fs::remove_file(&config);
     }
     let missing = PathBuf::from("/nonexistent/switchyard.toml");
     let out = cli(&missing, &["stats"]).code(2);
@@ -354,9 +346,10 @@ fn bad_configuration_gets_one_clear_error_and_exit_code_2() {
 
 #[test]
 fn a_password_in_the_url_never_appears_in_any_output() {
-    let config = write_config(
+    let file = write_config(
         "[transport]\nkind = \"rabbitmq\"\nurl = \"amqp://admin:hunter2-secret@127.0.0.1:1/%2f\"\n[consumers.a]\nsource = \"a\"\n",
     );
+    let config = file.path();
     for args in [
         &["stats"][..],
         &["topology", "show", "--json"][..],
@@ -380,5 +373,4 @@ fn a_password_in_the_url_never_appears_in_any_output() {
         assert!(!all.contains("hunter2"), "{args:?}: {all}");
         assert!(all.contains("amqp://***@127.0.0.1:1"), "{args:?}: {all}");
     }
-    let _ = std::fs::remove_file(&config);
 }

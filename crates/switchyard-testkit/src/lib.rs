@@ -34,5 +34,5 @@ pub mod tls;
 
 pub use conformance::{run_case, run_conformance, Case, CaseResult, Harness, Report, SuiteConfig};
 pub use fault_proxy::FaultProxy;
-pub use support::{failing_router, next_delivery};
+pub use support::{failing_router, next_delivery, TempFile};
 pub use tls::{TestCertificates, TlsProxy};

@@ -36,3 +36,37 @@ pub fn failing_router<M: Message>(error: fn() -> HandleError) -> (Router, Arc<At
         .build();
     (router, calls)
 }
+
+/// A file holding `text` under a fresh name in a directory of the system's
+/// temporary directory (`switchyard-tests`), removed when dropped: a
+/// configuration file for a test.
+pub struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    /// Writes `text` to a new file whose name ends in `.{extension}`.
+    ///
+    /// # Panics
+    ///
+    /// If the file cannot be written.
+    pub fn new(extension: &str, text: &str) -> Self {
+        let dir = std::env::temp_dir().join("switchyard-tests");
+        std::fs::create_dir_all(&dir).expect("cannot create the temporary directory");
+        let path = dir.join(format!(
+            "{}.{extension}",
+            switchyard_core::MessageId::new().as_str()
+        ));
+        std::fs::write(&path, text).expect("cannot write the temporary file");
+        TempFile(path)
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,42 +1,19 @@
 //! Loading configuration: every key, the environment overrides, and one
 //! clear error (file, key, problem) for each kind of mistake.
 
-use std::io::Write;
 use std::time::Duration;
 
 use switchyard::config::{Config, DeadlineConfig, DedupeConfig, TransportKind};
+use switchyard_testkit::TempFile;
 
-fn file(text: &str) -> tempfile_path::TempToml {
-    tempfile_path::TempToml::new(text)
-}
-
-/// A TOML file in the target directory, removed on drop.
-mod tempfile_path {
-    use super::*;
-    pub struct TempToml(pub std::path::PathBuf);
-    impl TempToml {
-        pub fn new(text: &str) -> Self {
-            let dir = std::env::temp_dir().join("switchyard-config-tests");
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join(format!("{}.toml", switchyard::MessageId::new()));
-            std::fs::File::create(&path)
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            TempToml(path)
-        }
-    }
-    impl Drop for TempToml {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+fn file(text: &str) -> TempFile {
+    TempFile::new("toml", text)
 }
 
 fn load_err(text: &str) -> (String, String) {
     let f = file(text);
-    let e = Config::load(&f.0).unwrap_err();
-    (e.to_string(), f.0.display().to_string())
+    let e = Config::load(f.path()).unwrap_err();
+    (e.to_string(), f.path().display().to_string())
 }
 
 #[test]
@@ -65,7 +42,7 @@ source = "shipping"
 subscriptions = ["billing", "shipping"]
 "#,
     );
-    let c = Config::load(&f.0).unwrap();
+    let c = Config::load(f.path()).unwrap();
     assert_eq!(c.transport.kind, TransportKind::Rabbitmq);
     assert_eq!(
         c.transport.delay_tiers.as_deref(),
@@ -187,7 +164,7 @@ fn the_environment_overrides_the_file() {
     let f = file(
         "[transport]\nkind = \"memory\"\n[consumers.envtest]\nsource = \"q\"\nconcurrency = 2\n",
     );
-    let c = Config::load(&f.0).unwrap();
+    let c = Config::load(f.path()).unwrap();
     std::env::remove_var("SWITCHYARD_CONSUMERS__ENVTEST__CONCURRENCY");
     assert_eq!(c.consumers["envtest"].concurrency, 7);
 }
