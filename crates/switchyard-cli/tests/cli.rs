@@ -51,8 +51,8 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
     ));
     let config = file.path();
 
-    cli(&config, &["topology", "apply"]).success();
-    let shown = json_of(&cli(&config, &["topology", "show", "--json"]).success());
+    cli(config, &["topology", "apply"]).success();
+    let shown = json_of(&cli(config, &["topology", "show", "--json"]).success());
     assert!(
         shown
             .as_array()
@@ -63,7 +63,7 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
     );
     let published = json_of(
         &cli(
-            &config,
+            config,
             &[
                 "publish",
                 "--destination",
@@ -91,7 +91,7 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
 
     // A consumer that knows another type only: all three are dead-lettered
     // as unknown-type.
-    let loaded = Config::load(&config).unwrap();
+    let loaded = Config::load(config).unwrap();
     let router = Router::builder()
         .route(|_: Other, _cx: switchyard::Context| async { Ok::<_, switchyard::HandleError>(()) })
         .build();
@@ -114,7 +114,7 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
     assert_eq!(report.dead_lettered, 3, "{report:?}");
 
     // list
-    let listed = json_of(&cli(&config, &["dlq", "list", "--wait", wait, "--json"]).success());
+    let listed = json_of(&cli(config, &["dlq", "list", "--wait", wait, "--json"]).success());
     let mut listed_ids: Vec<String> = listed
         .as_array()
         .unwrap()
@@ -132,7 +132,7 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
     assert_eq!(listed_ids, sorted, "every dead letter listed once");
     let grouped = json_of(
         &cli(
-            &config,
+            config,
             &[
                 "dlq",
                 "list",
@@ -148,19 +148,19 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
     assert_eq!(grouped[0]["reason"], "unknown-type");
     assert_eq!(grouped[0]["count"], 3);
     // The human table too.
-    let table = cli(&config, &["dlq", "list", "--wait", wait]).success();
+    let table = cli(config, &["dlq", "list", "--wait", wait]).success();
     let text = String::from_utf8(table.get_output().stdout.clone()).unwrap();
     assert!(text.starts_with("id"), "{text}");
     assert_eq!(text.lines().count(), 4, "{text}");
 
     // show: no payload unless asked
     let shown =
-        json_of(&cli(&config, &["dlq", "show", "--wait", wait, &ids[0], "--json"]).success());
+        json_of(&cli(config, &["dlq", "show", "--wait", wait, &ids[0], "--json"]).success());
     assert!(shown.get("payload").is_none(), "{shown}");
     assert_eq!(shown["headers"]["x-origin"], "cli-test");
     let shown = json_of(
         &cli(
-            &config,
+            config,
             &[
                 "dlq",
                 "show",
@@ -179,7 +179,7 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
     // dead-letter headers, and leaves the dead-letter queue
     let dry = json_of(
         &cli(
-            &config,
+            config,
             &[
                 "dlq",
                 "replay",
@@ -195,20 +195,20 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
     assert_eq!(dry["replayed"].as_array().unwrap().len(), 3);
     let replayed = json_of(
         &cli(
-            &config,
+            config,
             &["dlq", "replay", "--wait", wait, "--id", &ids[0], "--json"],
         )
         .success(),
     );
     assert_eq!(replayed["replayed"][0]["to"], q.as_str());
-    let left = json_of(&cli(&config, &["dlq", "list", "--wait", wait, "--json"]).success());
+    let left = json_of(&cli(config, &["dlq", "list", "--wait", wait, "--json"]).success());
     assert_eq!(left.as_array().unwrap().len(), 2, "{left}");
 
     // purge: refused without --yes; --older-than keeps the recent ones
-    cli(&config, &["dlq", "purge", "--wait", wait]).code(2);
+    cli(config, &["dlq", "purge", "--wait", wait]).code(2);
     let kept = json_of(
         &cli(
-            &config,
+            config,
             &[
                 "dlq",
                 "purge",
@@ -226,19 +226,14 @@ async fn dead_letter_workflow(transport_toml: &str, label: &str, wait: &str) {
         (kept["purged"].as_u64(), kept["kept"].as_u64()),
         (Some(0), Some(2))
     );
-    let purged = json_of(
-        &cli(
-            &config,
-            &["dlq", "purge", "--wait", wait, "--yes", "--json"],
-        )
-        .success(),
-    );
+    let purged =
+        json_of(&cli(config, &["dlq", "purge", "--wait", wait, "--yes", "--json"]).success());
     assert_eq!(purged["purged"], 2);
-    let empty = json_of(&cli(&config, &["dlq", "list", "--wait", wait, "--json"]).success());
+    let empty = json_of(&cli(config, &["dlq", "list", "--wait", wait, "--json"]).success());
     assert!(empty.as_array().unwrap().is_empty(), "{empty}");
 
     // stats: the replayed message waits in the source
-    let stats = json_of(&cli(&config, &["stats", "--json"]).success());
+    let stats = json_of(&cli(config, &["stats", "--json"]).success());
     assert_eq!(stats[0]["depth"], 1, "{stats}");
 
     // ... with its id, a fresh attempt budget and no dead-letter headers.
@@ -364,7 +359,7 @@ fn a_password_in_the_url_never_appears_in_any_output() {
         ][..],
         &["dlq", "list"][..],
     ] {
-        let out = cli(&config, args).failure();
+        let out = cli(config, args).failure();
         let all = format!(
             "{}{}",
             String::from_utf8_lossy(&out.get_output().stdout),
