@@ -570,7 +570,7 @@ impl NatsTransport {
                 queue: queue.into(),
                 lease,
                 alive: AtomicBool::new(true),
-                slots: Semaphore::new(prefetch),
+                slots: Arc::new(Semaphore::new(prefetch)),
             }),
             prefetch,
             max_attempts,
@@ -699,7 +699,7 @@ struct Subscription {
     /// request it left on the server cannot take them.
     alive: AtomicBool,
     /// Prefetch left: each delivery takes a slot until it is settled.
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
 }
 
 /// A prefetch slot, given back when dropped. It keeps the subscription's
@@ -708,13 +708,10 @@ struct Slot(Arc<Subscription>);
 
 impl Slot {
     async fn take(shared: &Arc<Subscription>) -> Slot {
-        // Without waiting where a slot is free, as `prefetch_slot` (the
-        // permit is forgotten here, and given back by `Slot`).
-        let permit = match shared.slots.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => shared.slots.acquire().await.expect("never closed"),
-        };
-        permit.forget();
+        // The permit is forgotten here, and given back by `Slot`'s drop.
+        switchyard_core::transport::prefetch_slot(&shared.slots)
+            .await
+            .forget();
         Slot(Arc::clone(shared))
     }
 }

@@ -240,34 +240,32 @@ pub async fn with_cpu<T>(
     let server = pid_of(broker);
     let cpu = |pid: Option<&str>| pid.and_then(cpu_time).unwrap_or_default();
     let io = |pid: Option<&str>| pid.and_then(syscalls).unwrap_or_default();
-    let (c0, s0, x0, i0, j0) = (
-        cpu(Some("self")),
-        cpu(server.as_deref()),
-        context_switches(),
-        io(Some("self")),
-        io(server.as_deref()),
-    );
+    let snapshot = || {
+        (
+            cpu(Some("self")),
+            cpu(server.as_deref()),
+            context_switches(),
+            io(Some("self")),
+            io(server.as_deref()),
+        )
+    };
+    let (c0, s0, x0, i0, j0) = snapshot();
     let r = work.await;
-    let (c1, s1, x1, i1, j1) = (
-        cpu(Some("self")),
-        cpu(server.as_deref()),
-        context_switches(),
-        io(Some("self")),
-        io(server.as_deref()),
-    );
+    let (c1, s1, x1, i1, j1) = snapshot();
     if let Ok(wall) = &r {
         let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        let each = |before: u64, after: u64| (after - before) as f64 / n as f64;
         eprintln!(
             "{label:<42} µs/msg: wall {:>5.2} · client user {:>5.2} sys {:>5.2} · {broker} {:>5.2} · client sleeps/msg {:.2} · reads/writes per msg: client {:.2}/{:.2} {broker} {:.2}/{:.2}",
             per(*wall),
             per(c1.0 - c0.0),
             per(c1.1 - c0.1),
             per((s1.0 + s1.1) - (s0.0 + s0.1)),
-            (x1 - x0) as f64 / n as f64,
-            (i1.0 - i0.0) as f64 / n as f64,
-            (i1.1 - i0.1) as f64 / n as f64,
-            (j1.0 - j0.0) as f64 / n as f64,
-            (j1.1 - j0.1) as f64 / n as f64,
+            each(x0, x1),
+            each(i0.0, i1.0),
+            each(i0.1, i1.1),
+            each(j0.0, j1.0),
+            each(j0.1, j1.1),
         );
     }
     r
