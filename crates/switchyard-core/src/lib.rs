@@ -73,8 +73,8 @@ pub use router::{Router, RouterBuilder};
 pub use runtime::{Consumer, ConsumerBuilder, ConsumerHandle, Incoming, Publisher, ShutdownReport};
 pub use transport::{
     BoxError, Capabilities, DeadLetterInfo, Delivery, DeliveryGuarantee, DeliveryStream,
-    OrderingSupport, QueueSpec, QueueStats, Settlement, Settler, SubscribeOptions, Support,
-    TopicSpec, Topology, Transport, TransportError, TransportErrorKind,
+    OrderingSupport, QueueSpec, QueueStats, Settlement, Settler, Settling, SubscribeOptions,
+    Support, TopicSpec, Topology, Transport, TransportError, TransportErrorKind,
 };
 
 /// Header names switchyard itself writes; adapters map them onto the wire.

@@ -285,6 +285,22 @@ pub trait Settler: Send + 'static {
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), TransportError>>;
 
+    /// Starts settling from within a task's poll (the runtime calls it as
+    /// soon as the handler is done, with its own task context): done at once
+    /// where the settlement only has to be queued to the broker's client, or
+    /// a future to drive to the end. The default calls
+    /// [`settle`](Self::settle) and polls the future once; a transport
+    /// overrides it to settle without allocating a future, and then must
+    /// behave exactly as `settle` would (the same guarantees, the same
+    /// bytes on the wire).
+    fn begin_settle(
+        self: Box<Self>,
+        settlement: Settlement,
+        cx: &mut std::task::Context<'_>,
+    ) -> Settling {
+        Settling::poll_once(self.settle(settlement), cx)
+    }
+
     /// Extends the lease to at least `lease` from now, rounded up to what
     /// the broker supports (a broker that can only reset its lease to a
     /// fixed length resets it); afterwards [`lease_deadline`](Self::lease_deadline)
@@ -303,6 +319,37 @@ pub trait Settler: Send + 'static {
     /// have no lease.
     fn lease_deadline(&self) -> Option<Instant> {
         None
+    }
+}
+
+/// How far [`Settler::begin_settle`] got.
+#[must_use = "a pending settlement must be driven to the end"]
+pub enum Settling {
+    /// Settled, or failed, without waiting.
+    Done(Result<(), TransportError>),
+    /// Under way: poll it to the end.
+    Pending(BoxFuture<'static, Result<(), TransportError>>),
+}
+
+impl Settling {
+    /// Polls `settling` once: `Done` if that finished it.
+    pub fn poll_once(
+        mut settling: BoxFuture<'static, Result<(), TransportError>>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Settling {
+        match settling.as_mut().poll(cx) {
+            std::task::Poll::Ready(result) => Settling::Done(result),
+            std::task::Poll::Pending => Settling::Pending(settling),
+        }
+    }
+}
+
+impl fmt::Debug for Settling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Settling::Done(result) => f.debug_tuple("Done").field(result).finish(),
+            Settling::Pending(_) => f.write_str("Pending"),
+        }
     }
 }
 

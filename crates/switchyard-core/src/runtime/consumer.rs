@@ -21,7 +21,7 @@ use crate::envelope::{Envelope, MessageId};
 use crate::outcome::{DeadLetterReason, Outcome};
 use crate::router::panic_message;
 use crate::transport::{
-    BoxError, BoxFuture, Delivery, Settlement, Settler, SubscribeOptions, Transport,
+    BoxError, BoxFuture, Delivery, Settlement, Settler, Settling, SubscribeOptions, Transport,
     TransportError, TransportErrorKind,
 };
 
@@ -642,13 +642,12 @@ fn settle_now(
     let Some((settlement, counter)) = settlement_of(shared, &envelope.id, attempt, outcome) else {
         return Some(Box::pin(release(Arc::clone(shared), settler, envelope)));
     };
-    let mut settling = settler.settle(settlement);
-    match settling.as_mut().poll(cx) {
-        Poll::Ready(result) => {
+    match settler.begin_settle(settlement, cx) {
+        Settling::Done(result) => {
             record(shared, &envelope.id, counter, result);
             None
         }
-        Poll::Pending => {
+        Settling::Pending(settling) => {
             let shared = Arc::clone(shared);
             Some(Box::pin(async move {
                 let result = settling.await;
@@ -1008,6 +1007,87 @@ mod tests {
         assert_eq!(settled(&LOG), vec!["ack"; 100]);
         assert_eq!((report.received, report.acked), (100, 100));
         assert_eq!(handled.load(Ordering::Relaxed), 100);
+    }
+
+    /// Settles through `begin_settle` only: the `n`th delivery at once
+    /// (`n % 3 == 0`), later (`1`), or fails at once (`2`).
+    struct Inline(usize, &'static Mutex<Vec<&'static str>>);
+
+    impl Settler for Inline {
+        fn settle(
+            self: Box<Self>,
+            _: Settlement,
+        ) -> BoxFuture<'static, Result<(), TransportError>> {
+            panic!(
+                "the runtime settles a delivery its handler finished at once through begin_settle"
+            )
+        }
+
+        fn begin_settle(self: Box<Self>, _: Settlement, _: &mut TaskContext<'_>) -> Settling {
+            let log = self.1;
+            match self.0 % 3 {
+                0 => {
+                    log.lock().unwrap().push("now");
+                    Settling::Done(Ok(()))
+                }
+                1 => Settling::Pending(Box::pin(async move {
+                    tokio::task::yield_now().await;
+                    log.lock().unwrap().push("later");
+                    Ok(())
+                })),
+                _ => {
+                    log.lock().unwrap().push("failed");
+                    Settling::Done(Err(TransportError::new(
+                        TransportErrorKind::Connection,
+                        "the connection is gone",
+                    )))
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn settlements_begun_inline_are_counted_whether_done_pending_or_failed() {
+        static LOG: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+        fn stream() -> DeliveryStream {
+            Box::pin(
+                futures_util::stream::iter((0..30).map(|n| {
+                    let envelope = Arc::new(Envelope::new(Tick::TYPE, "{}"));
+                    Ok(Delivery::new(
+                        envelope,
+                        1,
+                        Box::new(Inline(n, &LOG)) as Box<dyn Settler>,
+                    ))
+                }))
+                .chain(futures_util::stream::pending()),
+            )
+        }
+        let count = Count {
+            handled: Arc::default(),
+            other_ran: Arc::default(),
+            handled_before_it: Arc::default(),
+        };
+        let report = consume(
+            (stream, 30),
+            &LOG,
+            30,
+            Duration::from_secs(5),
+            Router::builder().route(count).build(),
+        )
+        .await;
+        let mut log = settled(&LOG);
+        log.sort_unstable();
+        assert_eq!(log.iter().filter(|k| **k == "now").count(), 10, "{log:?}");
+        assert_eq!(log.iter().filter(|k| **k == "later").count(), 10, "{log:?}");
+        assert_eq!(
+            log.iter().filter(|k| **k == "failed").count(),
+            10,
+            "{log:?}"
+        );
+        assert_eq!(
+            (report.received, report.acked, report.settle_failed),
+            (30, 20, 10)
+        );
     }
 
     /// A pipeline whose `call` panics.
