@@ -15,7 +15,8 @@ use futures_util::StreamExt;
 use switchyard_core::transport::BoxFuture;
 use switchyard_core::{
     Capabilities, DeadLetterInfo, Delivery, DeliveryStream, Envelope, OrderingSupport, Settlement,
-    Settler, SubscribeOptions, Support, Topology, Transport, TransportError, TransportErrorKind,
+    Settler, Settling, SubscribeOptions, Support, Topology, Transport, TransportError,
+    TransportErrorKind,
 };
 use tokio::sync::Semaphore;
 
@@ -571,6 +572,7 @@ impl NatsTransport {
                 lease,
                 alive: AtomicBool::new(true),
                 slots: Arc::new(Semaphore::new(prefetch)),
+                acks: Mutex::new(self.inner.js.client().clone()),
             }),
             prefetch,
             max_attempts,
@@ -700,6 +702,10 @@ struct Subscription {
     alive: AtomicBool,
     /// Prefetch left: each delivery takes a slot until it is settled.
     slots: Arc<Semaphore>,
+    /// The connection, as the sink acknowledgements are queued to without
+    /// a future (see `NatsSettler::begin_settle`); one per subscription, so
+    /// that a slot it reserved in the client's command queue is its own.
+    acks: Mutex<async_nats::Client>,
 }
 
 /// A prefetch slot, given back when dropped. It keeps the subscription's
@@ -748,12 +754,14 @@ impl Pull {
             .and_then(wire::ack_subject)
             .unwrap_or((1, 0));
         let attempt = u32::try_from(delivered).unwrap_or(u32::MAX).max(1);
-        let (message, acker) = message.split();
+        // The settler answers on the reply subject through the subscription's
+        // client; the message's own JetStream context is not kept.
+        let jetstream::Message { message, .. } = message;
         let envelope = Arc::new(wire::decode(message.headers.as_ref(), message.payload));
         let settler = NatsSettler {
             subject: message.subject,
             stream_sequence,
-            acker: Some(acker),
+            reply: Some(message.reply.ok_or(NoReply)),
             envelope: Arc::clone(&envelope),
             deadline: received + slot.lease,
             slot,
@@ -770,8 +778,9 @@ impl Drop for Pull {
 
 /// Settles one JetStream message.
 struct NatsSettler {
-    /// `None` once settled.
-    acker: Option<Acker>,
+    /// The subject acknowledgements go to (an error if the server sent
+    /// none); `None` once settled.
+    reply: Option<Result<async_nats::Subject, NoReply>>,
     /// The subject it was published to, and its sequence number in the
     /// stream (0 if unknown): dead-letter metadata.
     subject: async_nats::Subject,
@@ -790,8 +799,30 @@ fn stale(queue: &str) -> TransportError {
     )
 }
 
-fn ack_error(e: async_nats::Error) -> TransportError {
-    TransportError::new(TransportErrorKind::Connection, "acknowledgement failed").with_source(e)
+fn ack_error(e: impl Into<async_nats::Error>) -> TransportError {
+    TransportError::new(TransportErrorKind::Connection, "acknowledgement failed")
+        .with_source(e.into())
+}
+
+/// A message without a reply subject: not from a JetStream consumer, so
+/// there is nothing to acknowledge it to.
+#[derive(Clone, Copy, Debug)]
+struct NoReply;
+
+impl From<NoReply> for TransportError {
+    fn from(_: NoReply) -> TransportError {
+        TransportError::new(
+            TransportErrorKind::Other,
+            "the message has no reply subject: it did not come from a JetStream consumer",
+        )
+    }
+}
+
+/// The payload of a settlement on the wire, as async-nats' `Acker` sends
+/// it: an ack is an empty message (`Acker::ack`), every other kind its
+/// `AckKind` bytes (`Acker::ack_with`).
+fn ack_payload(kind: Option<AckKind>) -> bytes::Bytes {
+    kind.map_or_else(bytes::Bytes::new, bytes::Bytes::from)
 }
 
 impl NatsSettler {
@@ -817,10 +848,50 @@ impl NatsSettler {
         }
     }
 
+    /// Sends `kind` (`None`: a plain ack) for this delivery without a
+    /// future: the client's command queue takes it at once unless it is
+    /// full. `Err` gives the reply subject back when it is.
+    fn queue_ack(
+        &self,
+        reply: async_nats::Subject,
+        kind: Option<AckKind>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Result<Result<(), TransportError>, async_nats::Subject> {
+        use futures_util::Sink;
+        let mut client = self.slot.acks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut client = std::pin::Pin::new(&mut *client);
+        match client.as_mut().poll_ready(cx) {
+            std::task::Poll::Pending => Err(reply),
+            std::task::Poll::Ready(Err(e)) => Ok(Err(ack_error(e))),
+            std::task::Poll::Ready(Ok(())) => Ok(client
+                .start_send(async_nats::message::OutboundMessage {
+                    subject: reply,
+                    reply: None,
+                    payload: ack_payload(kind),
+                    headers: None,
+                })
+                .map_err(ack_error)),
+        }
+    }
+
+    /// Sends `kind` (`None`: a plain ack) for this delivery, waiting for
+    /// room in the client's command queue.
+    async fn send_ack(
+        &self,
+        reply: async_nats::Subject,
+        kind: Option<AckKind>,
+    ) -> Result<(), TransportError> {
+        let client = self.slot.transport.inner.js.client();
+        client
+            .publish(reply, ack_payload(kind))
+            .await
+            .map_err(ack_error)
+    }
+
     /// Publishes to the dead-letter stream (PubAck awaited), then terms.
     async fn dead_letter(
         self: Box<Self>,
-        acker: Acker,
+        reply: async_nats::Subject,
         reason: switchyard_core::DeadLetterReason,
         detail: String,
         attempts: u32,
@@ -847,10 +918,33 @@ impl NatsSettler {
         if let Err(e) = self.slot.transport.publish_envelope(&dlq, &envelope).await {
             // Back after a pause, not at once: it would fail again in a
             // tight loop while the dead-letter stream refuses it.
-            let _ = acker.ack_with(self.nak(Duration::from_secs(5))).await;
+            let nak = self.nak(Duration::from_secs(5));
+            let _ = self.send_ack(reply, Some(nak)).await;
             return Err(e);
         }
-        acker.ack_with(AckKind::Term).await.map_err(ack_error)
+        self.send_ack(reply, Some(AckKind::Term)).await
+    }
+
+    /// The reply subject, once: `StaleDelivery` past the lease (the server
+    /// has handed the message out again, and acting on it now would act
+    /// on the copy someone else holds).
+    fn take_reply(&mut self) -> Result<async_nats::Subject, TransportError> {
+        let reply = self.reply.take().expect("settled once")?;
+        self.fresh()?;
+        Ok(reply)
+    }
+
+    /// The kind a settlement other than a dead-lettering is sent as (`None`:
+    /// a plain ack); `None` for a dead-lettering, and for an ack when the
+    /// server must confirm it.
+    fn wire_kind(&self, settlement: &Settlement) -> Option<Option<AckKind>> {
+        match settlement {
+            Settlement::Ack if self.slot.transport.inner.config.double_ack => None,
+            Settlement::Ack => Some(None),
+            Settlement::Retry { delay } => Some(Some(self.nak(*delay))),
+            Settlement::Release => Some(Some(self.nak(Duration::ZERO))),
+            Settlement::DeadLetter { .. } => None,
+        }
     }
 }
 
@@ -859,46 +953,67 @@ impl Settler for NatsSettler {
         mut self: Box<Self>,
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
-        let acker = self.acker.take().expect("settled once");
-        if let Err(e) = self.fresh() {
-            return Box::pin(std::future::ready(Err(e)));
-        }
-        // Each kind in a future of its own: the dead-letter one carries a
-        // publish and is several times larger than the others. Each keeps
-        // the settler (and its prefetch slot) until the ack is sent.
-        let kind = match settlement {
-            Settlement::Ack if self.slot.transport.inner.config.double_ack => {
-                return Box::pin(async move {
-                    let _settling = self;
-                    acker.double_ack().await.map_err(ack_error)
-                });
-            }
-            Settlement::Ack => {
-                return Box::pin(async move {
-                    let _settling = self;
-                    acker.ack().await.map_err(ack_error)
-                });
-            }
-            Settlement::Retry { delay } => self.nak(delay),
-            Settlement::Release => self.nak(Duration::ZERO),
-            Settlement::DeadLetter {
-                reason,
-                detail,
-                attempts,
-            } => return Box::pin(self.dead_letter(acker, reason, detail, attempts)),
+        let reply = match self.take_reply() {
+            Ok(reply) => reply,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
-        Box::pin(async move {
-            let _settling = self;
-            acker.ack_with(kind).await.map_err(ack_error)
-        })
+        // Each future keeps the settler (and its prefetch slot) until the
+        // settlement is sent.
+        match (self.wire_kind(&settlement), settlement) {
+            (Some(kind), _) => Box::pin(async move { self.send_ack(reply, kind).await }),
+            (
+                None,
+                Settlement::DeadLetter {
+                    reason,
+                    detail,
+                    attempts,
+                },
+            ) => Box::pin(self.dead_letter(reply, reason, detail, attempts)),
+            (None, _) => Box::pin(async move {
+                let js = self.slot.transport.inner.js.clone();
+                Acker::new(js, Some(reply))
+                    .double_ack()
+                    .await
+                    .map_err(ack_error)
+            }),
+        }
+    }
+
+    /// Acks, naks and releases go to the client's command queue directly
+    /// (the connection task writes them, as it would `Acker::ack`'s), with
+    /// no future and no copy of the JetStream context: on a busy consumer
+    /// this is most of what settling costs.
+    fn begin_settle(
+        mut self: Box<Self>,
+        settlement: Settlement,
+        cx: &mut std::task::Context<'_>,
+    ) -> Settling {
+        let Some(kind) = self.wire_kind(&settlement) else {
+            return Settling::poll_once(self.settle(settlement), cx);
+        };
+        let reply = match self.take_reply() {
+            Ok(reply) => reply,
+            Err(e) => return Settling::Done(Err(e)),
+        };
+        match self.queue_ack(reply, kind, cx) {
+            Ok(sent) => Settling::Done(sent),
+            // The queue is full: wait for room, keeping the slot meanwhile.
+            Err(reply) => {
+                Settling::Pending(Box::pin(async move { self.send_ack(reply, kind).await }))
+            }
+        }
     }
 
     fn extend(&mut self, _lease: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
             self.fresh()?;
-            let acker = self.acker.as_ref().ok_or_else(|| stale(&self.slot.queue))?;
+            let reply = match &self.reply {
+                Some(Ok(reply)) => reply.clone(),
+                Some(Err(no_reply)) => return Err((*no_reply).into()),
+                None => return Err(stale(&self.slot.queue)),
+            };
             // In-progress resets the server's ack wait to its full length.
-            acker.ack_with(AckKind::Progress).await.map_err(ack_error)?;
+            self.send_ack(reply, Some(AckKind::Progress)).await?;
             self.deadline = Instant::now() + self.slot.lease;
             Ok(())
         })
@@ -912,13 +1027,14 @@ impl Settler for NatsSettler {
 impl Drop for NatsSettler {
     fn drop(&mut self) {
         // Dropped unsettled: give it back now rather than at the ack wait.
-        let Some(acker) = self.acker.take() else {
+        let Some(Ok(reply)) = self.reply.take() else {
             return;
         };
-        let nak = self.nak(Duration::ZERO);
+        let nak = ack_payload(Some(self.nak(Duration::ZERO)));
+        let client = self.slot.transport.inner.js.client().clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = acker.ack_with(nak).await;
+                let _ = client.publish(reply, nak).await;
             });
         }
     }

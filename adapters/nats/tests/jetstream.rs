@@ -155,6 +155,84 @@ async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts() {
     );
 }
 
+/// Every kind of settlement reaches the server, whether queued to the
+/// client at once (the runtime's usual path) or confirmed by the server
+/// (`double_ack`): acks remove, a retry's nak redelivers, and nothing is
+/// left pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_and_naks_reach_the_server_with_and_without_double_ack() {
+    for double_ack in [false, true] {
+        let t = NatsTransport::connect(NatsConfig::new(url()).double_ack(double_ack))
+            .await
+            .expect("NATS with JetStream");
+        let q = unique("settle");
+        t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+            .await
+            .unwrap();
+        let n = 40;
+        // Each odd message fails once, so half of them are nakked once.
+        let calls: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
+        let router = Router::builder()
+            .route({
+                let calls = Arc::clone(&calls);
+                move |job: Job, _cx: Context| {
+                    let calls = Arc::clone(&calls);
+                    async move {
+                        let seen = {
+                            let mut calls = calls.lock().unwrap();
+                            let c = calls.entry(job.n).or_default();
+                            *c += 1;
+                            *c
+                        };
+                        if job.n % 2 == 1 && seen == 1 {
+                            return Err(HandleError::transient("first try fails"));
+                        }
+                        Ok(())
+                    }
+                }
+            })
+            .build();
+        let consumer = Consumer::builder(t.clone(), q.clone())
+            .serve(router)
+            .spawn();
+        for i in 0..n {
+            t.publish(&q, Envelope::new(Job::TYPE, format!(r#"{{"n":{i}}}"#)))
+                .await
+                .unwrap();
+        }
+        let until = Instant::now() + Duration::from_secs(30);
+        while calls.lock().unwrap().values().sum::<u32>() < n + n / 2 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let report = consumer.shutdown().await.unwrap();
+        let stats = t.queue_stats(&q).await.unwrap();
+        remove_stream(&url(), &q).await;
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(
+            calls.len(),
+            n as usize,
+            "double_ack {double_ack}: every message handled"
+        );
+        for (i, c) in &calls {
+            let expected = if i % 2 == 1 { 2 } else { 1 };
+            assert_eq!(
+                *c, expected,
+                "double_ack {double_ack}: message {i} handled {c} times"
+            );
+        }
+        assert_eq!(
+            (report.acked, report.retried, report.settle_failed),
+            (u64::from(n), u64::from(n / 2), 0),
+            "double_ack {double_ack}"
+        );
+        assert_eq!(
+            (stats.depth, stats.in_flight),
+            (Some(0), Some(0)),
+            "double_ack {double_ack}: the server holds nothing unacknowledged"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_published_with_the_same_id_are_stored_once() {
     let t = connect_to(&url()).await;
