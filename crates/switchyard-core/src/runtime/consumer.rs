@@ -700,7 +700,7 @@ where
         let settled = outcome.and_then(|o| settlement_of(&shared, &envelope.id, attempt, o));
         match settled {
             Some((settlement, counter)) => {
-                let result = settler.settle(settlement).await;
+                let result = settle(settler, settlement).await;
                 record(&shared, &envelope.id, counter, result);
             }
             None => release(shared, settler, envelope).await,
@@ -708,9 +708,24 @@ where
     }
 }
 
+/// Settles through [`Settler::begin_settle`] (with this task's context),
+/// then waits for what is left.
+async fn settle(settler: Box<dyn Settler>, settlement: Settlement) -> Result<(), TransportError> {
+    let mut start = Some((settler, settlement));
+    let settling = std::future::poll_fn(|cx| {
+        let (settler, settlement) = start.take().expect("polled once");
+        Poll::Ready(settler.begin_settle(settlement, cx))
+    })
+    .await;
+    match settling {
+        Settling::Done(result) => result,
+        Settling::Pending(rest) => rest.await,
+    }
+}
+
 /// Gives a delivery back at shutdown, without counting an attempt.
 async fn release(shared: Arc<Shared>, settler: Box<dyn Settler>, envelope: Arc<Envelope>) {
-    match settler.settle(Settlement::Release).await {
+    match settle(settler, Settlement::Release).await {
         Ok(()) => ConsumerStats::bump(&shared.stats.released),
         Err(e) => {
             ConsumerStats::bump(&shared.stats.settle_failed);
@@ -1018,9 +1033,7 @@ mod tests {
             self: Box<Self>,
             _: Settlement,
         ) -> BoxFuture<'static, Result<(), TransportError>> {
-            panic!(
-                "the runtime settles a delivery its handler finished at once through begin_settle"
-            )
+            panic!("the runtime settles through begin_settle")
         }
 
         fn begin_settle(self: Box<Self>, _: Settlement, _: &mut TaskContext<'_>) -> Settling {
