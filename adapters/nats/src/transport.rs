@@ -572,7 +572,8 @@ impl NatsTransport {
                 lease,
                 alive: AtomicBool::new(true),
                 slots: Arc::new(Semaphore::new(prefetch)),
-                acks: Mutex::new(self.inner.js.client().clone()),
+                acks: Mutex::new(self.inner.js.client()),
+                client: self.inner.js.client(),
             }),
             prefetch,
             max_attempts,
@@ -703,9 +704,11 @@ struct Subscription {
     /// Prefetch left: each delivery takes a slot until it is settled.
     slots: Arc<Semaphore>,
     /// The connection, as the sink acknowledgements are queued to without
-    /// a future (see `NatsSettler::begin_settle`); one per subscription, so
-    /// that a slot it reserved in the client's command queue is its own.
+    /// a future (see `NatsSettler::begin_settle`); one per subscription.
     acks: Mutex<async_nats::Client>,
+    /// The connection, for settlements that wait (`Context::client` clones
+    /// it on every call).
+    client: async_nats::Client,
 }
 
 /// A prefetch slot, given back when dropped. It keeps the subscription's
@@ -861,7 +864,13 @@ impl NatsSettler {
         let mut client = self.slot.acks.lock().unwrap_or_else(|p| p.into_inner());
         let mut client = std::pin::Pin::new(&mut *client);
         match client.as_mut().poll_ready(cx) {
-            std::task::Poll::Pending => Err(reply),
+            std::task::Poll::Pending => {
+                // The queue is full. The sink would go on waiting for a
+                // slot and keep it for whichever ack comes next; a fresh
+                // handle drops that wait, and the caller waits its own way.
+                client.set(self.slot.client.clone());
+                Err(reply)
+            }
             std::task::Poll::Ready(Err(e)) => Ok(Err(ack_error(e))),
             std::task::Poll::Ready(Ok(())) => Ok(client
                 .start_send(async_nats::message::OutboundMessage {
@@ -881,8 +890,8 @@ impl NatsSettler {
         reply: async_nats::Subject,
         kind: Option<AckKind>,
     ) -> Result<(), TransportError> {
-        let client = self.slot.transport.inner.js.client();
-        client
+        self.slot
+            .client
             .publish(reply, ack_payload(kind))
             .await
             .map_err(ack_error)
@@ -1031,7 +1040,7 @@ impl Drop for NatsSettler {
             return;
         };
         let nak = ack_payload(Some(self.nak(Duration::ZERO)));
-        let client = self.slot.transport.inner.js.client().clone();
+        let client = self.slot.client.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
                 let _ = client.publish(reply, nak).await;

@@ -205,7 +205,17 @@ async fn acks_and_naks_reach_the_server_with_and_without_double_ack() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let report = consumer.shutdown().await.unwrap();
-        let stats = t.queue_stats(&q).await.unwrap();
+        // The server applies acks apart from answering the info request:
+        // give it a moment to show the last ones.
+        t.flush().await.unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        let stats = loop {
+            let stats = t.queue_stats(&q).await.unwrap();
+            if (stats.depth, stats.in_flight) == (Some(0), Some(0)) || Instant::now() > until {
+                break stats;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         remove_stream(&url(), &q).await;
         let calls = calls.lock().unwrap().clone();
         assert_eq!(
