@@ -11,7 +11,7 @@ use futures_util::stream;
 use switchyard_core::transport::BoxFuture;
 use switchyard_core::{
     Capabilities, DeadLetterInfo, Delivery, DeliveryStream, Envelope, QueueSpec, Settlement,
-    Settler, SubscribeOptions, Topology, Transport, TransportError, TransportErrorKind,
+    Settler, Settling, SubscribeOptions, Topology, Transport, TransportError, TransportErrorKind,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -486,19 +486,34 @@ struct MemorySettler {
     _prefetch: OwnedSemaphorePermit,
 }
 
+impl MemorySettler {
+    /// Settles in the queue's state (nothing to wait for).
+    fn settle_in_queue(&mut self, settlement: Settlement) -> Result<(), TransportError> {
+        let result = self.queue.settle(self.tag, settlement);
+        // A refused settlement leaves the delivery unsettled: dropping the
+        // settler gives it back.
+        self.settled = match &result {
+            Ok(()) => true,
+            Err(e) => e.kind() == TransportErrorKind::StaleDelivery,
+        };
+        result
+    }
+}
+
 impl Settler for MemorySettler {
     fn settle(
         mut self: Box<Self>,
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
-        let result = self.queue.settle(self.tag, settlement);
-        // A refused settlement leaves the delivery unsettled: dropping it
-        // below gives it back.
-        self.settled = match &result {
-            Ok(()) => true,
-            Err(e) => e.kind() == TransportErrorKind::StaleDelivery,
-        };
-        Box::pin(std::future::ready(result))
+        Box::pin(std::future::ready(self.settle_in_queue(settlement)))
+    }
+
+    fn begin_settle(
+        mut self: Box<Self>,
+        settlement: Settlement,
+        _: &mut std::task::Context<'_>,
+    ) -> Settling {
+        Settling::Done(self.settle_in_queue(settlement))
     }
 
     fn extend(&mut self, lease: Duration) -> BoxFuture<'_, Result<(), TransportError>> {

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use switchyard_core::transport::BoxFuture;
 use switchyard_core::{
     Capabilities, Delivery, DeliveryGuarantee, DeliveryStream, Envelope, OrderingSupport,
-    Settlement, Settler, SubscribeOptions, Support, Topology, Transport, TransportError,
+    Settlement, Settler, Settling, SubscribeOptions, Support, Topology, Transport, TransportError,
     TransportErrorKind,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -57,12 +57,10 @@ struct CoreSettler {
     _permit: OwnedSemaphorePermit,
 }
 
-impl Settler for CoreSettler {
-    fn settle(
-        self: Box<Self>,
-        settlement: Settlement,
-    ) -> BoxFuture<'static, Result<(), TransportError>> {
-        match &settlement {
+impl CoreSettler {
+    /// Nothing to tell the server: core NATS has no acknowledgements.
+    fn drop_message(&self, settlement: &Settlement) {
+        match settlement {
             Settlement::Ack | Settlement::Release => {}
             // At-most-once: there is nowhere to send it back to.
             Settlement::Retry { .. } | Settlement::DeadLetter { .. } => tracing::warn!(
@@ -71,7 +69,25 @@ impl Settler for CoreSettler {
                 "core NATS is at-most-once: the message is dropped"
             ),
         }
+    }
+}
+
+impl Settler for CoreSettler {
+    fn settle(
+        self: Box<Self>,
+        settlement: Settlement,
+    ) -> BoxFuture<'static, Result<(), TransportError>> {
+        self.drop_message(&settlement);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn begin_settle(
+        self: Box<Self>,
+        settlement: Settlement,
+        _: &mut std::task::Context<'_>,
+    ) -> Settling {
+        self.drop_message(&settlement);
+        Settling::Done(Ok(()))
     }
 }
 
