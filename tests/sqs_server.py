@@ -56,6 +56,9 @@ def serialized(method):
 
 for name in [
     "create_queue",
+    "get_queue_url",
+    "list_queues",
+    "list_dead_letter_source_queues",
     "delete_queue",
     "purge_queue",
     "get_queue_attributes",
