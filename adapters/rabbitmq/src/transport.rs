@@ -17,7 +17,7 @@ use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKin
 use switchyard_core::transport::BoxFuture;
 use switchyard_core::{
     Capabilities, DeadLetterInfo, Delivery, DeliveryStream, Envelope, OrderingSupport, QueueSpec,
-    Settlement, Settler, SubscribeOptions, Support, Topology, Transport, TransportError,
+    Settlement, Settler, Settling, SubscribeOptions, Support, Topology, Transport, TransportError,
     TransportErrorKind,
 };
 
@@ -988,6 +988,21 @@ impl Settler for RabbitSettler {
         settlement: Settlement,
     ) -> BoxFuture<'static, Result<(), TransportError>> {
         Box::pin(self.settle_now(settlement))
+    }
+
+    /// An ack only queues its frame (coalesced with the channel's others):
+    /// done here, without building `settle_now`'s future, which is sized
+    /// for a dead-lettering's publish.
+    fn begin_settle(
+        mut self: Box<Self>,
+        settlement: Settlement,
+        cx: &mut std::task::Context<'_>,
+    ) -> Settling {
+        if let Settlement::Ack = settlement {
+            let acks = self.acks.take().expect("settled once");
+            return Settling::Done(Self::ack(&acks, self.tag, &self.source));
+        }
+        Settling::poll_once(self.settle(settlement), cx)
     }
 }
 
