@@ -1040,8 +1040,8 @@ impl Drop for NatsSettler {
             return;
         };
         let nak = ack_payload(Some(self.nak(Duration::ZERO)));
-        let client = self.slot.client.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let client = self.slot.client.clone();
             handle.spawn(async move {
                 let _ = client.publish(reply, nak).await;
             });

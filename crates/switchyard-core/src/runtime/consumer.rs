@@ -958,20 +958,25 @@ mod tests {
         }
     }
 
-    /// `n` deliveries settled by `SlowSettler(log)`, then nothing more (the
-    /// stream stays open).
-    fn slow_settled(n: usize, log: &'static Mutex<Vec<&'static str>>) -> DeliveryStream {
+    /// `n` deliveries, the `i`th settled by `settler(i)`, then nothing more
+    /// (the stream stays open).
+    fn settled_by(
+        n: usize,
+        settler: impl Fn(usize) -> Box<dyn Settler> + Send + 'static,
+    ) -> DeliveryStream {
         Box::pin(
-            futures_util::stream::iter((0..n).map(move |_| {
+            futures_util::stream::iter((0..n).map(move |i| {
                 let envelope = Arc::new(Envelope::new(Tick::TYPE, "{}"));
-                Ok(Delivery::new(
-                    envelope,
-                    1,
-                    Box::new(SlowSettler(log)) as Box<dyn Settler>,
-                ))
+                Ok(Delivery::new(envelope, 1, settler(i)))
             }))
             .chain(futures_util::stream::pending()),
         )
+    }
+
+    /// `n` deliveries settled by `SlowSettler(log)`, then nothing more (the
+    /// stream stays open).
+    fn slow_settled(n: usize, log: &'static Mutex<Vec<&'static str>>) -> DeliveryStream {
+        settled_by(n, move |_| Box::new(SlowSettler(log)))
     }
 
     /// Runs `pipeline` over the `n` deliveries `stream` yields until they
@@ -1063,17 +1068,7 @@ mod tests {
     async fn settlements_begun_inline_are_counted_whether_done_pending_or_failed() {
         static LOG: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
         fn stream() -> DeliveryStream {
-            Box::pin(
-                futures_util::stream::iter((0..30).map(|n| {
-                    let envelope = Arc::new(Envelope::new(Tick::TYPE, "{}"));
-                    Ok(Delivery::new(
-                        envelope,
-                        1,
-                        Box::new(Inline(n, &LOG)) as Box<dyn Settler>,
-                    ))
-                }))
-                .chain(futures_util::stream::pending()),
-            )
+            settled_by(30, |n| Box::new(Inline(n, &LOG)))
         }
         let count = Count {
             handled: Arc::default(),
