@@ -3,6 +3,7 @@
 //! `ChangeMessageVisibilityBatch`, ten entries a request.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use aws_sdk_sqs::types::{
 };
 use aws_sdk_sqs::Client;
 use switchyard_core::{TransportError, TransportErrorKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::transport::{receipt_error, with_timeout, Counters};
@@ -31,6 +32,51 @@ struct Job {
     op: Op,
     /// `None` for fire-and-forget releases of dropped deliveries.
     done: Option<oneshot::Sender<Result<(), TransportError>>>,
+    /// A fire-and-forget release counts as background work until its
+    /// request is answered (or it is dropped unsent).
+    _busy: Option<Busy>,
+}
+
+/// Work a transport does in the background that must not be cut off when
+/// the process exits: receives still on the wire for a dropped
+/// subscription, and releases of deliveries dropped unsettled.
+/// [`Transport::flush`](switchyard_core::Transport::flush) waits for it.
+#[derive(Default)]
+pub(crate) struct Pending {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Pending {
+    /// Counts one piece of work until the guard is dropped.
+    pub(crate) fn busy(self: &Arc<Self>) -> Busy {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Busy(Arc::clone(self))
+    }
+
+    /// Returns once no work is counted.
+    pub(crate) async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One piece of background work, counted until dropped.
+pub(crate) struct Busy(Arc<Pending>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// The settlement queue of one SQS queue. Cheap to clone; the worker ends
@@ -38,6 +84,7 @@ struct Job {
 #[derive(Clone)]
 pub(crate) struct Batcher {
     tx: mpsc::UnboundedSender<Job>,
+    pending: Arc<Pending>,
 }
 
 /// What a worker needs to send requests.
@@ -53,10 +100,10 @@ impl Batcher {
     /// Starts the worker. The channel is unbounded because every job belongs
     /// to a delivery that holds a prefetch permit: at most `prefetch` jobs
     /// of a subscription can wait at once.
-    pub(crate) fn start(target: Target, linger: Duration) -> Self {
+    pub(crate) fn start(target: Target, linger: Duration, pending: Arc<Pending>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(Arc::new(target), linger, rx));
-        Batcher { tx }
+        Batcher { tx, pending }
     }
 
     /// Queues `op` for `receipt` and waits for SQS's answer.
@@ -67,17 +114,20 @@ impl Batcher {
                 receipt,
                 op,
                 done: Some(done),
+                _busy: None,
             })
             .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }
 
-    /// Queues `op` without waiting (a dropped delivery's release).
+    /// Queues `op` without waiting (a dropped delivery's release); it
+    /// counts as pending work until SQS has answered.
     pub(crate) fn detach(&self, receipt: String, op: Op) {
         let _ = self.tx.send(Job {
             receipt,
             op,
             done: None,
+            _busy: Some(self.pending.busy()),
         });
     }
 }

@@ -19,7 +19,7 @@ use switchyard_core::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::batch::{Batcher, Op, Target, BATCH};
+use crate::batch::{Batcher, Op, Pending, Target, BATCH};
 use crate::config::{SqsConfig, ATTRIBUTE_ROOM, MAX_VISIBILITY};
 use crate::wire;
 
@@ -217,6 +217,9 @@ struct Inner {
     config: SqsConfig,
     queues: Mutex<HashMap<String, Arc<QueueInfo>>>,
     counters: Arc<Counters>,
+    /// Receives and releases still under way for dropped subscriptions and
+    /// deliveries; `flush` waits for them.
+    pending: Arc<Pending>,
 }
 
 impl fmt::Debug for SqsTransport {
@@ -277,6 +280,7 @@ impl SqsTransport {
                 config,
                 queues: Mutex::default(),
                 counters: Arc::default(),
+                pending: Arc::default(),
             }),
         })
     }
@@ -849,6 +853,7 @@ impl SqsTransport {
                 timeout: self.inner.config.request_timeout,
             },
             self.inner.config.settle_linger,
+            Arc::clone(&self.inner.pending),
         );
         // Boxed: `unfold` moves its state in and out of the future for
         // every item.
@@ -978,7 +983,11 @@ impl Pull {
         // In a task of its own: if the subscription is dropped while the long
         // poll is on the wire, what SQS hands out still becomes deliveries,
         // and dropping those makes the messages visible again at once rather
-        // than after their visibility timeout.
+        // than after their visibility timeout. The task counts as pending
+        // work until then: its guard goes out with the deliveries, and is
+        // dropped after them (a tuple drops its fields in order), so that
+        // their releases are counted before it stops counting.
+        let busy = self.transport.inner.pending.busy();
         let task = tokio::spawn(async move {
             let out = with_timeout(limit, request).await.and_then(|r| {
                 r.map_err(|e| sdk_error(e, &format!("receiving from {:?} failed", queue.name)))
@@ -1036,9 +1045,9 @@ impl Pull {
                     Box::new(settler),
                 ));
             }
-            Ok(deliveries)
+            Ok((deliveries, busy))
         });
-        let deliveries = task.await.map_err(|e| {
+        let (deliveries, _busy) = task.await.map_err(|e| {
             TransportError::new(TransportErrorKind::Other, "the receive task failed").with_source(e)
         })??;
         if deliveries.is_empty() && wait < Duration::from_secs(1) {
@@ -1250,6 +1259,27 @@ impl SqsTransport {
 }
 
 impl Transport for SqsTransport {
+    /// Waits for the receives a dropped subscription left on the wire and
+    /// for the releases of deliveries dropped unsettled: a process that
+    /// exits before they are answered leaves those messages invisible until
+    /// their visibility timeout ends.
+    fn flush(&self) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move {
+            let config = &self.inner.config;
+            let limit = config.wait_time + config.receive_timeout_margin + config.request_timeout;
+            tokio::time::timeout(limit, self.inner.pending.idle())
+                .await
+                .map_err(|_| {
+                    TransportError::new(
+                        TransportErrorKind::Timeout,
+                        format!(
+                            "receives or releases still unanswered after {limit:?}; SQS makes those messages visible again when their visibility timeout ends"
+                        ),
+                    )
+                })
+        })
+    }
+
     fn dead_letter_of(&self, queue: &str) -> String {
         let name = self.queue_name(queue);
         self.inner

@@ -427,3 +427,58 @@ async fn the_attempt_comes_from_approximate_receive_count() {
     assert_eq!(d.attempt(), 3);
     d.ack().await.unwrap();
 }
+
+/// A subscription dropped while its long poll is on the wire leaves that
+/// receive running: what it then takes is released in the background.
+/// `flush` waits for that, so that a process exiting right after (the CLI)
+/// does not leave the messages invisible for their visibility timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_waits_for_what_a_dropped_subscription_still_receives() {
+    // A long poll that outlasts the releases below.
+    let t = common::connect(common::config().wait_time(Duration::from_secs(5))).await;
+    let q = queue(&t, QueueSpec::new(common::unique("orphan"))).await;
+    for n in 0..2 {
+        t.publish(&q, Envelope::new("t", format!("{n}")))
+            .await
+            .unwrap();
+    }
+    let mut s = t.subscribe(&q, SubscribeOptions::default()).await.unwrap();
+    let mut held = Vec::new();
+    while held.len() < 2 {
+        held.push(s.next().await.unwrap().unwrap());
+    }
+    // Start another long poll (it finds nothing: both are held), and drop
+    // the subscription while it waits on the server.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), s.next())
+            .await
+            .is_err(),
+        "nothing else to receive"
+    );
+    drop(s);
+    // Given back (together, as the CLI does) while that receive still
+    // waits: it takes them again.
+    for released in
+        futures_util::future::join_all(held.into_iter().map(|d| d.settle(Settlement::Release)))
+            .await
+    {
+        released.unwrap();
+    }
+    let before_flush = t.request_counts();
+    t.flush().await.unwrap();
+    let after_flush = t.request_counts();
+    let stats = t.queue_stats(&q).await.unwrap();
+    common::remove_queues(&q, false).await;
+    // The receive left on the wire was still waiting when flush began, and
+    // had been answered (and what it took released) when flush returned.
+    assert_eq!(
+        (before_flush.receive, after_flush.receive),
+        (1, 2),
+        "{after_flush:?}"
+    );
+    assert_eq!(
+        (stats.depth, stats.in_flight),
+        (Some(2), Some(0)),
+        "after flush both messages are visible again"
+    );
+}
