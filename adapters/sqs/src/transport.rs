@@ -983,11 +983,8 @@ impl Pull {
         // In a task of its own: if the subscription is dropped while the long
         // poll is on the wire, what SQS hands out still becomes deliveries,
         // and dropping those makes the messages visible again at once rather
-        // than after their visibility timeout. The task counts as pending
-        // work until then: its guard goes out with the deliveries, and is
-        // dropped after them (a tuple drops its fields in order), so that
-        // their releases are counted before it stops counting.
-        let busy = self.transport.inner.pending.busy();
+        // than after their visibility timeout (see `Orphanable`).
+        let pending = Arc::clone(&self.transport.inner.pending);
         let task = tokio::spawn(async move {
             let out = with_timeout(limit, request).await.and_then(|r| {
                 r.map_err(|e| sdk_error(e, &format!("receiving from {:?} failed", queue.name)))
@@ -1045,9 +1042,9 @@ impl Pull {
                     Box::new(settler),
                 ));
             }
-            Ok((deliveries, busy))
+            Ok(deliveries)
         });
-        let (deliveries, _busy) = task.await.map_err(|e| {
+        let deliveries = Orphanable::new(task, pending).await.map_err(|e| {
             TransportError::new(TransportErrorKind::Other, "the receive task failed").with_source(e)
         })??;
         if deliveries.is_empty() && wait < Duration::from_secs(1) {
@@ -1056,6 +1053,55 @@ impl Pull {
         }
         self.buffer.extend(deliveries);
         Ok(())
+    }
+}
+
+/// A receive task that, if the subscription is dropped while it runs, is
+/// left to finish on its own: what it took is then released (its
+/// deliveries are dropped) in the background, counted as pending work until
+/// those releases are queued, each of which is counted until SQS answers.
+/// `flush` waits for that; receives of live subscriptions are not counted.
+struct Orphanable<T: Send + 'static> {
+    task: Option<tokio::task::JoinHandle<T>>,
+    pending: Arc<Pending>,
+}
+
+impl<T: Send + 'static> Orphanable<T> {
+    fn new(task: tokio::task::JoinHandle<T>, pending: Arc<Pending>) -> Self {
+        Orphanable {
+            task: Some(task),
+            pending,
+        }
+    }
+}
+
+impl<T: Send + 'static> std::future::Future for Orphanable<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let task = self.task.as_mut().expect("polled after completion");
+        let out = std::task::ready!(std::pin::Pin::new(task).poll(cx));
+        self.task = None;
+        std::task::Poll::Ready(out)
+    }
+}
+
+impl<T: Send + 'static> Drop for Orphanable<T> {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // Counted from now until its output (the deliveries, whose drop
+        // queues their releases) is gone.
+        let busy = self.pending.busy();
+        runtime.spawn(async move {
+            drop(task.await);
+            drop(busy);
+        });
     }
 }
 
