@@ -477,7 +477,10 @@ async fn a_settlement_abandoned_mid_publish_gives_the_delivery_back_and_later_ac
         }),
     )
     .await;
-    assert!(abandoned.is_err(), "the settlement was still publishing");
+    assert!(
+        abandoned.is_err(),
+        "the settlement was still publishing, but it ended on its first poll: {abandoned:?}"
+    );
     // The ack after it must not be held back behind the abandoned tag.
     second.ack().await.unwrap();
     t.flush().await.unwrap();
