@@ -54,6 +54,7 @@ pub struct NatsConfig {
     tls: TlsConfig,
     creds_file: Option<std::path::PathBuf>,
     nkey_seed: Option<String>,
+    client_capacity: Option<usize>,
 }
 
 /// TLS settings beyond what the URL says (`tls://` turns TLS on).
@@ -80,6 +81,7 @@ impl NatsConfig {
             tls: TlsConfig::default(),
             creds_file: None,
             nkey_seed: None,
+            client_capacity: None,
         }
     }
 
@@ -179,6 +181,15 @@ impl NatsConfig {
         self.double_ack = on;
         self
     }
+
+    /// How many commands (publishes, acks, pull requests) the connection
+    /// queues for its writer before senders wait: async-nats' client
+    /// capacity, 2,048 unless set. Settlements never fail on a full queue;
+    /// they wait for room, holding their prefetch slot meanwhile.
+    pub fn client_capacity(mut self, n: usize) -> Self {
+        self.client_capacity = Some(n.max(1));
+        self
+    }
 }
 
 impl fmt::Debug for NatsConfig {
@@ -196,6 +207,7 @@ impl fmt::Debug for NatsConfig {
             .field("max_deliver", &self.max_deliver)
             .field("ack_wait", &self.ack_wait)
             .field("double_ack", &self.double_ack)
+            .field("client_capacity", &self.client_capacity)
             .finish()
     }
 }
@@ -219,6 +231,9 @@ pub(crate) async fn connect_client(
     });
     if let Some(name) = &config.name {
         options = options.name(name);
+    }
+    if let Some(n) = config.client_capacity {
+        options = options.client_capacity(n);
     }
     if let Some((user, password)) = &config.credentials {
         options = options.user_and_password(user.clone(), password.clone());

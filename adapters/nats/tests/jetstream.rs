@@ -155,6 +155,78 @@ async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts() {
     );
 }
 
+/// An ack that finds the client's command queue full neither fails nor
+/// gets lost: `begin_settle` hands back a future that waits for room, and
+/// the acks after it go through a fresh handle. On one thread, with a
+/// queue of four, the connection task cannot drain the queue while the
+/// acks are queued in one go.
+#[tokio::test(flavor = "current_thread")]
+async fn acks_wait_for_room_when_the_client_queue_is_full() {
+    use switchyard_core::{Settlement, Settling};
+    let t = NatsTransport::connect(NatsConfig::new(url()).client_capacity(4))
+        .await
+        .expect("NATS with JetStream");
+    let q = unique("full-queue");
+    t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+        .await
+        .unwrap();
+    let n = 48;
+    for i in 0..n {
+        t.publish(&q, Envelope::new(Job::TYPE, format!(r#"{{"n":{i}}}"#)))
+            .await
+            .unwrap();
+    }
+    let mut sub = t
+        .subscribe(&q, SubscribeOptions::default().prefetch(n))
+        .await
+        .unwrap();
+    let mut settlers = Vec::new();
+    for _ in 0..n {
+        let (_, _, _, settler) = switchyard_testkit::next_delivery(&mut sub)
+            .await
+            .into_parts();
+        settlers.push(settler);
+    }
+    let (queued, waiting) = std::future::poll_fn(|cx| {
+        let mut queued = 0;
+        let mut waiting = Vec::new();
+        for settler in settlers.drain(..) {
+            match settler.begin_settle(Settlement::Ack, cx) {
+                Settling::Done(result) => {
+                    result.expect("an ack queued at once");
+                    queued += 1;
+                }
+                Settling::Pending(rest) => waiting.push(rest),
+            }
+        }
+        std::task::Poll::Ready((queued, waiting))
+    })
+    .await;
+    assert!(
+        !waiting.is_empty(),
+        "the queue of four never filled: all {queued} acks were queued at once"
+    );
+    for rest in waiting {
+        rest.await.expect("an ack that waited for room");
+    }
+    drop(sub);
+    t.flush().await.unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = t.queue_stats(&q).await.unwrap();
+        if (stats.depth, stats.in_flight) == (Some(0), Some(0)) || Instant::now() > until {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    remove_stream(&url(), &q).await;
+    assert_eq!(
+        (stats.depth, stats.in_flight),
+        (Some(0), Some(0)),
+        "every ack reached the server ({queued} queued at once, the rest waited)"
+    );
+}
+
 /// Every kind of settlement reaches the server, whether queued to the
 /// client at once (the runtime's usual path) or confirmed by the server
 /// (`double_ack`): acks remove, a retry's nak redelivers, and nothing is

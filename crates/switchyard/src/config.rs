@@ -195,6 +195,10 @@ pub struct TransportConfig {
     /// jetstream: wait for the server to confirm each ack.
     #[serde(default)]
     pub double_ack: Option<bool>,
+    /// jetstream, nats: the connection's command queue (async-nats' client
+    /// capacity, default 2,048).
+    #[serde(default)]
+    pub client_capacity: Option<usize>,
     /// sqs: the region (else `AWS_REGION` or the profile).
     #[serde(default)]
     pub region: Option<String>,
@@ -548,7 +552,7 @@ impl Config {
             _ => {}
         }
         // Options of another kind are a mistake worth reporting.
-        let options: [(&str, bool, &[TransportKind]); 23] = {
+        let options: [(&str, bool, &[TransportKind]); 24] = {
             use TransportKind::*;
             [
                 ("max_payload", t.max_payload.is_some(), &[Memory, Rabbitmq]),
@@ -562,6 +566,11 @@ impl Config {
                 ),
                 ("ack_wait", t.ack_wait.is_some(), &[Jetstream]),
                 ("double_ack", t.double_ack.is_some(), &[Jetstream]),
+                (
+                    "client_capacity",
+                    t.client_capacity.is_some(),
+                    &[Jetstream, Nats],
+                ),
                 ("region", t.region.is_some(), &[Sqs]),
                 ("profile", t.profile.is_some(), &[Sqs]),
                 ("access_key_id", t.access_key_id.is_some(), &[Sqs]),
@@ -614,7 +623,11 @@ impl Config {
                 "access_key_id and secret_access_key go together",
             ));
         }
-        for (name, value) in [("max_payload", t.max_payload), ("capacity", t.capacity)] {
+        for (name, value) in [
+            ("max_payload", t.max_payload),
+            ("capacity", t.capacity),
+            ("client_capacity", t.client_capacity),
+        ] {
             if value == Some(0) {
                 return Err(self.error(format!("transport.{name}"), "must be at least 1"));
             }
@@ -766,6 +779,9 @@ impl Config {
                 }
                 if let Some(on) = t.double_ack {
                     c = c.double_ack(on);
+                }
+                if let Some(n) = t.client_capacity {
+                    c = c.client_capacity(n);
                 }
                 if let Some(ca) = &t.tls_ca {
                     c = c.root_certificates(ca);

@@ -113,6 +113,30 @@ fn a_negative_or_zero_limit_is_refused() {
         e.contains("`consumers.a.max_attempts`: must be at least 1"),
         "{e}"
     );
+    let (e, _) = load_err(
+        "[transport]\nkind = \"jetstream\"\nurl = \"nats://h:4222\"\nclient_capacity = 0\n",
+    );
+    assert!(
+        e.contains("`transport.client_capacity`: must be at least 1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_nats_client_capacity_applies_to_both_nats_kinds_only() {
+    for kind in ["jetstream", "nats"] {
+        let f = file(&format!(
+            "[transport]\nkind = \"{kind}\"\nurl = \"nats://h:4222\"\nclient_capacity = 64\n"
+        ));
+        let c = Config::load(f.path()).unwrap();
+        assert_eq!(c.transport.client_capacity, Some(64), "{kind}");
+    }
+    let (e, _) =
+        load_err("[transport]\nkind = \"rabbitmq\"\nurl = \"amqp://h\"\nclient_capacity = 64\n");
+    assert!(
+        e.contains("`transport.client_capacity`: applies to jetstream, nats only"),
+        "{e}"
+    );
 }
 
 #[test]
