@@ -182,9 +182,10 @@ impl NatsConfig {
         self
     }
 
-    /// How many commands (publishes, acks, pull requests) the connection
-    /// queues for its writer before senders wait: async-nats' client
-    /// capacity, 2,048 unless set. Settlements never fail on a full queue;
+    /// How many commands (publishes and subscriptions; on JetStream also
+    /// acks and pull requests) the connection queues for its writer before
+    /// senders wait: async-nats' client capacity, 2,048 unless set, at
+    /// least 1 (0 is taken as 1). Settlements never fail on a full queue;
     /// they wait for room, holding their prefetch slot meanwhile.
     pub fn client_capacity(mut self, n: usize) -> Self {
         self.client_capacity = Some(n.max(1));
