@@ -39,6 +39,21 @@ async fn remove_stream(url: &str, queue: &str) {
     }
 }
 
+/// The queue's stats once the server holds nothing unsettled, or after
+/// 10 s. The server applies acks apart from answering the info request:
+/// the client is flushed first, and the last acks may show a moment later.
+async fn settled_stats(t: &NatsTransport, q: &str) -> switchyard_core::QueueStats {
+    t.flush().await.unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = t.queue_stats(q).await.unwrap();
+        if (stats.depth, stats.in_flight) == (Some(0), Some(0)) || Instant::now() > until {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Job {
     n: u32,
@@ -229,15 +244,7 @@ async fn acks_wait_for_room(t: &NatsTransport, q: &str) {
     .await
     .unwrap_or_else(|_| panic!("{waited} acks still waiting for room after 10 s"));
     drop(sub);
-    t.flush().await.unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    let stats = loop {
-        let stats = t.queue_stats(q).await.unwrap();
-        if (stats.depth, stats.in_flight) == (Some(0), Some(0)) || Instant::now() > until {
-            break stats;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let stats = settled_stats(t, q).await;
     assert_eq!(
         (stats.depth, stats.in_flight),
         (Some(0), Some(0)),
@@ -295,17 +302,7 @@ async fn acks_and_naks_reach_the_server_with_and_without_double_ack() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let report = consumer.shutdown().await.unwrap();
-        // The server applies acks apart from answering the info request:
-        // give it a moment to show the last ones.
-        t.flush().await.unwrap();
-        let until = Instant::now() + Duration::from_secs(10);
-        let stats = loop {
-            let stats = t.queue_stats(&q).await.unwrap();
-            if (stats.depth, stats.in_flight) == (Some(0), Some(0)) || Instant::now() > until {
-                break stats;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let stats = settled_stats(&t, &q).await;
         remove_stream(&url(), &q).await;
         let calls = calls.lock().unwrap().clone();
         assert_eq!(
