@@ -456,16 +456,20 @@ async fn flush_waits_for_what_a_dropped_subscription_still_receives() {
         "nothing else to receive"
     );
     drop(s);
-    // Given back (together, as the CLI does) while that receive still
-    // waits: it takes them again.
-    for released in
+    // Both are held, so nothing can answer that receive yet: it is still
+    // waiting on the server when flush begins.
+    let before_flush = t.request_counts();
+    // Given back (together, as the CLI does) while flush waits: the receive
+    // left on the wire takes them again, and its deliveries, dropped,
+    // release them once more.
+    let (flushed, released) = tokio::join!(
+        t.flush(),
         futures_util::future::join_all(held.into_iter().map(|d| d.settle(Settlement::Release)))
-            .await
-    {
+    );
+    flushed.unwrap();
+    for released in released {
         released.unwrap();
     }
-    let before_flush = t.request_counts();
-    t.flush().await.unwrap();
     let after_flush = t.request_counts();
     let stats = t.queue_stats(&q).await.unwrap();
     common::remove_queues(&q, false).await;
