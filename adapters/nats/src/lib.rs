@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 mod core;
+mod pull;
 mod transport;
 mod wire;
 

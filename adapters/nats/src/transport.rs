@@ -20,6 +20,7 @@ use switchyard_core::{
 };
 use tokio::sync::Semaphore;
 
+use crate::pull::{PullError, Puller};
 use crate::wire;
 
 /// The durable pull consumer every subscriber of a queue shares.
@@ -484,7 +485,7 @@ impl NatsTransport {
         lease: Duration,
         prefetch: usize,
         max_attempts: Option<u32>,
-    ) -> Result<pull::Stream, TransportError> {
+    ) -> Result<Puller, TransportError> {
         // A release counts a delivery: two per attempt, then the one on
         // which the runtime dead-letters a message over its budget.
         let budget = max_attempts.map(|n| i64::from(n) * 2 + 1);
@@ -554,20 +555,21 @@ impl NatsTransport {
                 "the consumer's max_ack_pending is below this subscriber's concurrency; it cannot use all of it"
             );
         }
-        consumer
-            .stream()
-            .max_messages_per_batch(prefetch)
-            .expires(PULL_EXPIRES)
-            .heartbeat(PULL_EXPIRES / 2)
-            .messages()
-            .await
-            .map_err(|e| {
-                error(
-                    TransportErrorKind::Connection,
-                    format!("cannot consume {queue:?}"),
-                    e,
-                )
-            })
+        Puller::new(
+            &self.inner.js.client(),
+            &stream_name(queue),
+            CONSUMER,
+            prefetch,
+            PULL_EXPIRES,
+        )
+        .await
+        .map_err(|e| {
+            error(
+                TransportErrorKind::Connection,
+                format!("cannot consume {queue:?}"),
+                e,
+            )
+        })
     }
 
     async fn subscribe_to(
@@ -640,7 +642,7 @@ impl NatsTransport {
                         let delivery = pull.delivery(message, slot);
                         return Some((Ok(delivery), pull));
                     }
-                    Some(Err(e)) if e.kind() == pull::MessagesErrorKind::MissingHeartbeat => {
+                    Some(Err(PullError::MissingHeartbeat)) => {
                         // Nothing for two heartbeats: a pull request went
                         // unanswered, or the server is away. Pull anew (with
                         // backoff while that fails); the connection's own
@@ -760,12 +762,12 @@ struct Pull {
     shared: Arc<Subscription>,
     prefetch: usize,
     max_attempts: Option<u32>,
-    messages: Option<pull::Stream>,
+    messages: Option<Puller>,
     pause: Duration,
 }
 
 impl Pull {
-    fn delivery(&self, message: jetstream::Message, slot: Slot) -> Delivery {
+    fn delivery(&self, message: async_nats::Message, slot: Slot) -> Delivery {
         let received = Instant::now();
         let (delivered, stream_sequence) = message
             .reply
@@ -774,8 +776,7 @@ impl Pull {
             .unwrap_or((1, 0));
         let attempt = u32::try_from(delivered).unwrap_or(u32::MAX).max(1);
         // The settler answers on the reply subject through the subscription's
-        // client; the message's own JetStream context is not kept.
-        let jetstream::Message { message, .. } = message;
+        // client.
         let envelope = Arc::new(wire::decode(message.headers.as_ref(), message.payload));
         let settler = NatsSettler {
             subject: message.subject,
