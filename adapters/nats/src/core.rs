@@ -121,22 +121,27 @@ impl Transport for NatsCoreTransport {
         destination: &'a str,
         envelope: Envelope,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
+        if envelope.payload.len() > self.max_payload {
+            return Box::pin(std::future::ready(Err(TransportError::new(
+                TransportErrorKind::TooLarge,
+                format!(
+                    "payload of {} bytes is over the {}-byte limit of this NATS server",
+                    envelope.payload.len(),
+                    self.max_payload
+                ),
+            ))));
+        }
+        // Encoded before the future is built, so that the boxed future
+        // holds the headers and the payload, not the whole envelope.
+        let (headers, payload) = match wire::encode(envelope) {
+            Ok(encoded) => encoded,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
         Box::pin(async move {
-            if envelope.payload.len() > self.max_payload {
-                return Err(TransportError::new(
-                    TransportErrorKind::TooLarge,
-                    format!(
-                        "payload of {} bytes is over the {}-byte limit of this NATS server",
-                        envelope.payload.len(),
-                        self.max_payload
-                    ),
-                ));
-            }
-            let headers = wire::encode(&envelope)?;
             // At-most-once: handed to the connection, which sends it in the
             // background; nothing stores it, so there is nothing to wait for.
             self.client
-                .publish_with_headers(destination.to_owned(), headers, envelope.payload)
+                .publish_with_headers(destination.to_owned(), headers, payload)
                 .await
                 .map_err(|e| {
                     TransportError::new(TransportErrorKind::Connection, "publish failed")

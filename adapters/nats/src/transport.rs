@@ -441,7 +441,10 @@ impl NatsTransport {
 
     /// The headers `envelope` is published with, after checking that it
     /// fits the server.
-    fn encode(&self, envelope: &Envelope) -> Result<async_nats::HeaderMap, TransportError> {
+    fn encode(
+        &self,
+        envelope: Envelope,
+    ) -> Result<(async_nats::HeaderMap, bytes::Bytes), TransportError> {
         let max = self.inner.max_payload;
         if envelope.payload.len() > max {
             return Err(TransportError::new(
@@ -464,15 +467,10 @@ impl NatsTransport {
     fn publish_envelope<'a>(
         &'a self,
         subject: &'a str,
-        envelope: &Envelope,
+        envelope: Envelope,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         match self.encode(envelope) {
-            Ok(headers) => Box::pin(send(
-                &self.inner.js,
-                subject,
-                headers,
-                envelope.payload.clone(),
-            )),
+            Ok((headers, payload)) => Box::pin(send(&self.inner.js, subject, headers, payload)),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
     }
@@ -941,7 +939,7 @@ impl NatsSettler {
                 self.stream_sequence.to_string(),
             );
         }
-        if let Err(e) = self.slot.transport.publish_envelope(&dlq, &envelope).await {
+        if let Err(e) = self.slot.transport.publish_envelope(&dlq, envelope).await {
             // Back after a pause, not at once: it would fail again in a
             // tight loop while the dead-letter stream refuses it.
             let nak = self.nak(Duration::from_secs(5));
@@ -1148,7 +1146,7 @@ impl Transport for NatsTransport {
         destination: &'a str,
         envelope: Envelope,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        self.publish_envelope(destination, &envelope)
+        self.publish_envelope(destination, envelope)
     }
 
     fn subscribe<'a>(

@@ -64,11 +64,16 @@ fn unencodable(name: &str) -> TransportError {
 
 /// A value NATS can carry (async-nats panics on the others).
 fn value(name: &str, value: &str) -> Result<String, TransportError> {
+    owned_value(name, value.to_owned())
+}
+
+/// [`value`] for a string that is already owned.
+fn owned_value(name: &str, value: String) -> Result<String, TransportError> {
     // Bytes, not chars: `str::contains` with a char set decodes each one.
     if value.bytes().any(|b| b == b'\r' || b == b'\n') {
         return Err(unencodable(name));
     }
-    Ok(value.to_owned())
+    Ok(value)
 }
 
 /// The delivery count and the stream sequence from the reply subject of a
@@ -110,11 +115,12 @@ pub(crate) fn ack_subject(reply: &str) -> Option<(u64, u64)> {
     Some((number(at)?, number(at + 1)?))
 }
 
-/// The NATS headers of `env`. Header values cannot hold CR or LF on the
-/// wire, and names must be printable ASCII without `:`: such headers are
-/// refused with an `Encode` error rather than corrupting the protocol.
-/// Schema version 1 (the default) is not written.
-pub(crate) fn encode(env: &Envelope) -> Result<HeaderMap, TransportError> {
+/// The NATS headers of `env`, and its payload. Header values cannot hold
+/// CR or LF on the wire, and names must be printable ASCII without `:`:
+/// such headers are refused with an `Encode` error rather than corrupting
+/// the protocol. Schema version 1 (the default) is not written. The id and
+/// type strings become header values without a copy.
+pub(crate) fn encode(env: Envelope) -> Result<(HeaderMap, Bytes), TransportError> {
     let mut h = HeaderMap::new();
     for (k, v) in env.headers.iter() {
         if k.is_empty() || k.contains(|c: char| !c.is_ascii_graphic() || c == ':') {
@@ -122,18 +128,6 @@ pub(crate) fn encode(env: &Envelope) -> Result<HeaderMap, TransportError> {
         }
         h.insert(k, value(k, v)?);
     }
-    match env.headers.get(header_names::REPLAYED_AT) {
-        // A replay keeps its id but must not hit the duplicate window.
-        Some(at) => {
-            h.insert(
-                NATS_MESSAGE_ID,
-                value(MSG_ID, &format!("{}:replay:{at}", env.id.as_str()))?,
-            );
-            h.insert(HeaderName::from_static(ID), value(ID, env.id.as_str())?);
-        }
-        None => h.insert(NATS_MESSAGE_ID, value(MSG_ID, env.id.as_str())?),
-    }
-    h.insert(HeaderName::from_static(TYPE), value(TYPE, &env.kind)?);
     if env.schema_version != 1 {
         h.insert(
             HeaderName::from_static(header_names::SCHEMA_VERSION),
@@ -146,12 +140,24 @@ pub(crate) fn encode(env: &Envelope) -> Result<HeaderMap, TransportError> {
     if let Some(t) = env.deadline.and_then(switchyard_core::rfc3339_millis) {
         h.insert(HeaderName::from_static(header_names::DEADLINE), t);
     }
-    for ((name, header), field) in OPTIONAL.into_iter().zip(optional_fields(env)) {
+    for ((name, header), field) in OPTIONAL.into_iter().zip(optional_fields(&env)) {
         if let Some(v) = field {
             h.insert(header, value(name, v)?);
         }
     }
-    Ok(h)
+    match env.headers.get(header_names::REPLAYED_AT) {
+        // A replay keeps its id but must not hit the duplicate window.
+        Some(at) => {
+            h.insert(
+                NATS_MESSAGE_ID,
+                value(MSG_ID, &format!("{}:replay:{at}", env.id.as_str()))?,
+            );
+            h.insert(HeaderName::from_static(ID), value(ID, env.id.as_str())?);
+        }
+        None => h.insert(NATS_MESSAGE_ID, owned_value(MSG_ID, env.id.into_string())?),
+    }
+    h.insert(HeaderName::from_static(TYPE), owned_value(TYPE, env.kind)?);
+    Ok((h, env.payload))
 }
 
 /// The envelope of a message; unparsable standard fields stay in the
@@ -293,7 +299,7 @@ mod tests {
         env.trace.traceparent =
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
         env.headers.insert("x-custom", "v");
-        let back = decode(Some(&encode(&env).unwrap()), env.payload.clone());
+        let back = decode(Some(&encode(env.clone()).unwrap().0), env.payload.clone());
         let ms = |t: SystemTime| {
             t.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap()
@@ -309,7 +315,7 @@ mod tests {
     fn a_replay_keeps_its_id_under_another_msg_id() {
         let env =
             Envelope::new("t", "x").with_header(header_names::REPLAYED_AT, "2026-11-27T04:00:00Z");
-        let h = encode(&env).unwrap();
+        let h = encode(env.clone()).unwrap().0;
         assert_ne!(h.get(MSG_ID).unwrap().as_str(), env.id.as_str());
         let back = decode(Some(&h), env.payload.clone());
         assert_eq!(back.id, env.id);
@@ -322,7 +328,7 @@ mod tests {
     #[test]
     fn header_values_with_newlines_are_refused() {
         let env = Envelope::new("t", "x").with_header("x-evil", "a\r\nNats-Msg-Id: forged");
-        assert_eq!(encode(&env).unwrap_err().kind(), TransportErrorKind::Encode);
+        assert_eq!(encode(env.clone()).unwrap_err().kind(), TransportErrorKind::Encode);
     }
 
     #[test]
@@ -330,7 +336,7 @@ mod tests {
         for name in ["x-caf\u{e9}", "x-a\u{1}b", "x a", "x:a", ""] {
             let env = Envelope::new("t", "x").with_header(name, "v");
             assert_eq!(
-                encode(&env).unwrap_err().kind(),
+                encode(env.clone()).unwrap_err().kind(),
                 TransportErrorKind::Encode,
                 "{name:?}"
             );
@@ -339,10 +345,10 @@ mod tests {
 
     #[test]
     fn schema_version_one_is_implied_and_others_are_written() {
-        let h = encode(&Envelope::new("t", "x")).unwrap();
+        let h = encode(Envelope::new("t", "x")).unwrap().0;
         assert!(h.get(header_names::SCHEMA_VERSION).is_none());
         assert_eq!(decode(Some(&h), Bytes::new()).schema_version, 1);
-        let h = encode(&Envelope::new("t", "x").with_schema_version(3)).unwrap();
+        let h = encode(Envelope::new("t", "x").with_schema_version(3)).unwrap().0;
         assert_eq!(h.get(header_names::SCHEMA_VERSION).unwrap().as_str(), "3");
         assert_eq!(decode(Some(&h), Bytes::new()).schema_version, 3);
     }

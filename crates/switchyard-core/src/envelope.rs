@@ -37,6 +37,12 @@ impl MessageId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The id's string, without a copy (for adapters that put it on the
+    /// wire as it is).
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 impl Default for MessageId {
