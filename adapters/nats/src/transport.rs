@@ -470,7 +470,9 @@ impl NatsTransport {
         envelope: Envelope,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         match self.encode(envelope) {
-            Ok((headers, payload)) => Box::pin(send(&self.inner.js, subject, headers, payload)),
+            Ok((headers, payload)) => {
+                started(Box::pin(send(&self.inner.js, subject, headers, payload)))
+            }
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
     }
@@ -665,6 +667,28 @@ impl NatsTransport {
             }
         });
         Ok(Box::pin(deliveries))
+    }
+}
+
+/// `publish`, already handed to the connection when there is room for it,
+/// as async-nats' own `publish` is before it returns its PubAck future: a
+/// caller that builds several publishes and then awaits them together
+/// (`join_all`, `FuturesUnordered`) has all of them on the wire at once,
+/// not each only when first polled. The first poll uses a waker that does
+/// nothing; the caller's first poll registers its own. Outside a tokio
+/// runtime (async-nats' timers need one) it starts on the first poll, as
+/// any future does.
+fn started<'a>(
+    mut publish: BoxFuture<'a, Result<(), TransportError>>,
+) -> BoxFuture<'a, Result<(), TransportError>> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return publish;
+    }
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match publish.as_mut().poll(&mut cx) {
+        // Refused before it was sent (too large, connection closed).
+        std::task::Poll::Ready(result) => Box::pin(std::future::ready(result)),
+        std::task::Poll::Pending => publish,
     }
 }
 

@@ -328,7 +328,10 @@ mod tests {
     #[test]
     fn header_values_with_newlines_are_refused() {
         let env = Envelope::new("t", "x").with_header("x-evil", "a\r\nNats-Msg-Id: forged");
-        assert_eq!(encode(env.clone()).unwrap_err().kind(), TransportErrorKind::Encode);
+        assert_eq!(
+            encode(env.clone()).unwrap_err().kind(),
+            TransportErrorKind::Encode
+        );
     }
 
     #[test]
@@ -348,7 +351,9 @@ mod tests {
         let h = encode(Envelope::new("t", "x")).unwrap().0;
         assert!(h.get(header_names::SCHEMA_VERSION).is_none());
         assert_eq!(decode(Some(&h), Bytes::new()).schema_version, 1);
-        let h = encode(Envelope::new("t", "x").with_schema_version(3)).unwrap().0;
+        let h = encode(Envelope::new("t", "x").with_schema_version(3))
+            .unwrap()
+            .0;
         assert_eq!(h.get(header_names::SCHEMA_VERSION).unwrap().as_str(), "3");
         assert_eq!(decode(Some(&h), Bytes::new()).schema_version, 3);
     }

@@ -348,6 +348,74 @@ async fn duplicates_published_with_the_same_id_are_stored_once() {
     assert_eq!(stored, 1, "the server's duplicate window keeps one copy");
 }
 
+/// The server ends a waiting pull request with a status when the durable
+/// consumer is deleted under it; the subscription must make the consumer
+/// and its pull anew, and go on consuming. (The new consumer starts from
+/// the beginning of the stream, so the message handled before is handled
+/// again: at-least-once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_the_server_ends_is_made_anew_and_consumption_goes_on() {
+    let t = connect_to(&url()).await;
+    let q = unique("ended");
+    t.declare(&Topology::new().queue(QueueSpec::new(&q)))
+        .await
+        .unwrap();
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let router = Router::builder()
+        .route({
+            let handled = Arc::clone(&handled);
+            move |job: Job, _: Context| {
+                handled.lock().unwrap().push(job.n);
+                async { Ok::<_, HandleError>(()) }
+            }
+        })
+        .build();
+    let consumer = Consumer::builder(t.clone(), q.clone())
+        .serve(router)
+        .spawn();
+    let handled_so_far = || handled.lock().unwrap().clone();
+    let wait_for = |n: u32| async move {
+        let until = Instant::now() + Duration::from_secs(15);
+        while !handled_so_far().contains(&n) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        handled_so_far()
+    };
+    let result = async {
+        t.publish(&q, Envelope::new(Job::TYPE, r#"{"n":1}"#))
+            .await
+            .unwrap();
+        assert_eq!(wait_for(1).await, [1], "the first message was not handled");
+        // A pull request is waiting on the server now; deleting the
+        // consumer ends it.
+        let js = async_nats::jetstream::new(async_nats::connect(url()).await.unwrap());
+        js.get_stream(&q)
+            .await
+            .unwrap()
+            .delete_consumer("switchyard")
+            .await
+            .unwrap();
+        t.publish(&q, Envelope::new(Job::TYPE, r#"{"n":2}"#))
+            .await
+            .unwrap();
+        let handled = wait_for(2).await;
+        assert!(
+            handled.contains(&2),
+            "the message published after the consumer was deleted was not handled: {handled:?}"
+        );
+        let stats = settled_stats(&t, &q).await;
+        assert_eq!((stats.depth, stats.in_flight), (Some(0), Some(0)));
+    };
+    let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(result)).await;
+    let report = consumer.shutdown().await;
+    remove_stream(&url(), &q).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    let report = report.unwrap();
+    assert_eq!(report.received, report.acked, "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumption_resumes_by_itself_after_a_server_restart_and_nothing_is_lost() {
     const N: u32 = 2000;

@@ -226,6 +226,31 @@ pub fn pid_of(name: &str) -> Option<String> {
     })
 }
 
+/// Waits until the broker process has been idle (under 10% of a core)
+/// for 200 ms, 5 s at most, so that a workload does not start while the
+/// broker is still busy with the one before it (deleting a stream of
+/// 100,000 messages keeps nats-server busy for about half a second). Returns
+/// at once where the broker's CPU cannot be read.
+pub async fn broker_quiet(broker: &str) {
+    let Some(pid) = pid_of(broker) else { return };
+    let busy = || cpu_time(&pid).map(|(user, sys)| user + sys);
+    let Some(mut last) = busy() else { return };
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut quiet_for = Duration::ZERO;
+    let step = Duration::from_millis(100);
+    while quiet_for < Duration::from_millis(200) && Instant::now() < until {
+        tokio::time::sleep(step).await;
+        let Some(now) = busy() else { return };
+        // Clock ticks of 10 ms: at most one tick in 100 ms is idle.
+        if now.saturating_sub(last) <= Duration::from_millis(10) {
+            quiet_for += step;
+        } else {
+            quiet_for = Duration::ZERO;
+        }
+        last = now;
+    }
+}
+
 /// Measures the CPU this process and the broker process use while `work`
 /// runs, and prints them per message when `SWITCHYARD_BENCH_DEBUG` is set.
 pub async fn with_cpu<T>(

@@ -385,6 +385,7 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
             sides.reverse();
         }
         for side in sides {
+            crate::broker_quiet(SERVER).await;
             let (publish, consume) = match side {
                 Side::Raw(raw) => raw_js(&js, n, &payload, raw).await?,
                 Side::Switchyard => sy_js(url, n, &payload).await?,
@@ -411,6 +412,7 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
             (Raw::Bare, "core pub/sub, raw, bare payload"),
             (Raw::SameMessages, "core pub/sub, raw, same messages"),
         ] {
+            crate::broker_quiet(SERVER).await;
             let d = with_cpu(name, SERVER, n, raw_core(&client, n, &payload, raw));
             rates.push(Rate {
                 name,
@@ -435,6 +437,7 @@ pub async fn run(url: &str, n: u64, size: usize) -> Result<Vec<Rate>, String> {
             Ok(started.elapsed())
         };
         let name = "core pub/sub, switchyard";
+        crate::broker_quiet(SERVER).await;
         let d = with_cpu(name, SERVER, n, sy_consume(core, &subject, n, publish_all));
         rates.push(Rate {
             name,

@@ -691,6 +691,10 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Publishes `envelope` to `destination` (a queue or topic). Returns only
     /// once the broker holds the message.
+    ///
+    /// An adapter may hand the message to its connection before the future
+    /// is first polled (the JetStream adapter does, as async-nats' own
+    /// publish does); dropping the future then does not take it back.
     fn publish<'a>(
         &'a self,
         destination: &'a str,
