@@ -2,8 +2,9 @@
 //! messages and status replies they bring, on an inbox of the
 //! subscription's own.
 //!
-//! It does what async-nats' `pull::Stream` does, with three differences
-//! that matter on a busy consumer:
+//! It asks for messages by async-nats' rule (the next request once half of
+//! what was asked for has arrived or been given up by the server), with
+//! three differences that matter on a busy consumer:
 //!
 //! - the next pull request is queued to the connection from the consuming
 //!   task itself, the moment half of the batch is received, where
@@ -13,6 +14,11 @@
 //!   every message);
 //! - the heartbeat timer is armed once and moved forward when the stream
 //!   goes idle, instead of a new boxed timer each time.
+//!
+//! Unlike async-nats' stream it does not watch the connection: a request
+//! lost to a reconnect, or never answered, is noticed as two heartbeats of
+//! silence, and the subscription then makes its pull anew (see
+//! `subscribe_to` in `transport.rs`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -61,11 +67,8 @@ pub(crate) struct Puller {
     next_subject: Subject,
     /// The request's JSON: batch, expiry and heartbeat.
     request: bytes::Bytes,
-    batch: usize,
     heartbeat: Duration,
-    /// Messages asked for and neither received nor released by the server
-    /// (a request that expired or was cut short says how many it leaves).
-    pending: usize,
+    asked: Asked,
     /// Fires two heartbeats after the stream last went idle.
     idle: Pin<Box<Sleep>>,
     /// Whether anything arrived since the timer was last moved.
@@ -95,9 +98,8 @@ impl Puller {
                 "{API_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
             )),
             request: bytes::Bytes::from(request),
-            batch,
             heartbeat,
-            pending: 0,
+            asked: Asked { batch, pending: 0 },
             idle: Box::pin(tokio::time::sleep(heartbeat * 2)),
             heard: true,
         })
@@ -107,7 +109,7 @@ impl Puller {
     /// arrived. `Err` if the connection is closed; a full command queue
     /// leaves it for the next poll (the sink wakes this task).
     fn request_more(&mut self, cx: &mut Context<'_>) -> Result<(), PullError> {
-        if self.pending > self.batch / 2 {
+        if !self.asked.wants_more() {
             return Ok(());
         }
         let mut sink = Pin::new(&mut self.requests);
@@ -124,25 +126,51 @@ impl Puller {
                     headers: None,
                 })
                 .map_err(|e| PullError::Failed(format!("cannot send a pull request: {e}")))?;
-                self.pending += self.batch;
+                self.asked.requested();
                 Ok(())
             }
         }
+    }
+}
+
+/// How many messages the pull requests sent have asked for and not yet
+/// brought: received, or given up by the server.
+#[derive(Debug)]
+struct Asked {
+    batch: usize,
+    pending: usize,
+}
+
+impl Asked {
+    /// Whether to ask for more: half of what was asked for has come.
+    fn wants_more(&self) -> bool {
+        self.pending <= self.batch / 2
+    }
+
+    /// A request of a batch was sent.
+    fn requested(&mut self) {
+        self.pending += self.batch;
+    }
+
+    /// A message arrived.
+    fn received(&mut self) {
+        self.pending = self.pending.saturating_sub(1);
     }
 
     /// Accounts for a status reply; `Err` for one that ends the pull.
     fn status(
         &mut self,
         status: StatusCode,
-        message: &async_nats::Message,
+        description: Option<&str>,
+        headers: Option<&async_nats::HeaderMap>,
     ) -> Result<(), PullError> {
         match status {
             StatusCode::IDLE_HEARTBEAT => Ok(()),
-            // A request that expired (408) or was cut short (409, e.g. the
-            // consumer's max_ack_pending, or a leadership change): the
-            // server says how many of its messages it will not send.
+            // A request that expired (408) or was cut short (409, e.g. by a
+            // leadership change): the server says how many of its messages
+            // it will not send.
             StatusCode::TIMEOUT | StatusCode::REQUEST_TERMINATED => {
-                let description = message.description.as_deref().unwrap_or_default();
+                let description = description.unwrap_or_default();
                 if description == "Consumer Deleted"
                     || description == "Consumer is push based"
                     || description.starts_with("Exceeded MaxRequest")
@@ -151,16 +179,15 @@ impl Puller {
                         "the server ended the pull: {status} {description}"
                     )));
                 }
-                let left = message
-                    .headers
-                    .as_ref()
+                let left = headers
                     .and_then(|h| h.get("Nats-Pending-Messages"))
                     .and_then(|v| v.as_str().parse::<usize>().ok())
                     .unwrap_or(self.batch);
                 self.pending = self.pending.saturating_sub(left);
                 Ok(())
             }
-            // Only a request that asked not to wait gets these.
+            // Only a request that asked not to wait gets this (these never
+            // do): nothing to deliver, nothing left waiting.
             StatusCode::NOT_FOUND => {
                 self.pending = 0;
                 Ok(())
@@ -169,8 +196,7 @@ impl Puller {
                 "no JetStream answered the pull request".into(),
             )),
             status => Err(PullError::Failed(format!(
-                "unexpected status from the server: {status} {:?}",
-                message.description
+                "unexpected status from the server: {status} {description:?}"
             ))),
         }
     }
@@ -200,11 +226,15 @@ impl Stream for Puller {
                     this.heard = true;
                     match message.status {
                         None | Some(StatusCode::OK) => {
-                            this.pending = this.pending.saturating_sub(1);
+                            this.asked.received();
                             return Poll::Ready(Some(Ok(message)));
                         }
                         Some(status) => {
-                            if let Err(e) = this.status(status, &message) {
+                            let description = message.description.as_deref();
+                            if let Err(e) =
+                                this.asked
+                                    .status(status, description, message.headers.as_ref())
+                            {
                                 return Poll::Ready(Some(Err(e)));
                             }
                         }
@@ -223,13 +253,13 @@ impl Stream for Puller {
             this.idle.as_mut().reset(at);
         }
         if this.idle.as_mut().poll(cx).is_ready() {
-            if this.pending == 0 {
+            if this.asked.pending == 0 {
                 // Nothing asked for (the command queue was full): wait on.
                 this.heard = true;
                 return Poll::Pending;
             }
             this.heard = true;
-            this.pending = 0;
+            this.asked.pending = 0;
             return Poll::Ready(Some(Err(PullError::MissingHeartbeat)));
         }
         Poll::Pending
@@ -246,5 +276,92 @@ mod tests {
             request_body(64, Duration::from_secs(1)),
             r#"{"batch":64,"expires":1000000000,"idle_heartbeat":500000000}"#
         );
+    }
+
+    /// Two requests of 64 sent, 10 messages received: 118 pending.
+    fn asked() -> Asked {
+        let mut asked = Asked {
+            batch: 64,
+            pending: 0,
+        };
+        assert!(asked.wants_more());
+        asked.requested();
+        asked.requested();
+        for _ in 0..10 {
+            asked.received();
+        }
+        assert_eq!(asked.pending, 118);
+        assert!(!asked.wants_more());
+        asked
+    }
+
+    fn pending_messages(n: &str) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Pending-Messages", n);
+        h.insert("Nats-Pending-Bytes", "0");
+        h
+    }
+
+    #[test]
+    fn a_request_that_expired_or_was_cut_short_gives_back_what_it_left() {
+        let mut a = asked();
+        let h = pending_messages("54");
+        a.status(StatusCode::TIMEOUT, Some("Request Timeout"), Some(&h))
+            .unwrap();
+        assert_eq!(a.pending, 64);
+        assert!(!a.wants_more());
+        a.status(
+            StatusCode::REQUEST_TERMINATED,
+            Some("Leadership Change"),
+            Some(&pending_messages("40")),
+        )
+        .unwrap();
+        assert_eq!(a.pending, 24);
+        assert!(a.wants_more());
+        // Without the header, the whole batch is taken as given up.
+        let mut a = asked();
+        a.status(StatusCode::TIMEOUT, None, None).unwrap();
+        assert_eq!(a.pending, 54);
+        a.status(StatusCode::TIMEOUT, None, Some(&pending_messages("x")))
+            .unwrap();
+        assert_eq!(a.pending, 0);
+    }
+
+    #[test]
+    fn heartbeats_change_nothing_and_no_messages_clears_what_is_pending() {
+        let mut a = asked();
+        a.status(StatusCode::IDLE_HEARTBEAT, Some("Idle Heartbeat"), None)
+            .unwrap();
+        assert_eq!(a.pending, 118);
+        a.status(StatusCode::NOT_FOUND, Some("No Messages"), None)
+            .unwrap();
+        assert_eq!(a.pending, 0);
+    }
+
+    #[test]
+    fn statuses_that_end_the_pull_are_errors() {
+        for (status, description) in [
+            (StatusCode::REQUEST_TERMINATED, "Consumer Deleted"),
+            (StatusCode::REQUEST_TERMINATED, "Consumer is push based"),
+            (
+                StatusCode::REQUEST_TERMINATED,
+                "Exceeded MaxRequestBatch of 10",
+            ),
+            (
+                StatusCode::REQUEST_TERMINATED,
+                "Exceeded MaxRequestExpires of 1s",
+            ),
+            (StatusCode::NO_RESPONDERS, ""),
+            (StatusCode::from_u16(400).unwrap(), "Bad Request"),
+        ] {
+            let mut a = asked();
+            let h = pending_messages("54");
+            let result = a.status(status, Some(description), Some(&h));
+            assert!(
+                matches!(result, Err(PullError::Failed(_))),
+                "{status} {description}: {result:?}"
+            );
+            assert_eq!(a.pending, 118, "{status} {description}");
+        }
     }
 }

@@ -675,9 +675,11 @@ impl NatsTransport {
 /// caller that builds several publishes and then awaits them together
 /// (`join_all`, `FuturesUnordered`) has all of them on the wire at once,
 /// not each only when first polled. The first poll uses a waker that does
-/// nothing; the caller's first poll registers its own. Outside a tokio
-/// runtime (async-nats' timers need one) it starts on the first poll, as
-/// any future does.
+/// nothing; the caller's first poll registers its own. Best effort: when
+/// the command queue is full, or the calling task has used up tokio's
+/// cooperative budget, the publish goes out on the caller's first poll,
+/// as it does outside a tokio runtime (async-nats' timers need one). The
+/// publish's timeouts count from the call.
 fn started<'a>(
     mut publish: BoxFuture<'a, Result<(), TransportError>>,
 ) -> BoxFuture<'a, Result<(), TransportError>> {
