@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -590,7 +591,6 @@ impl NatsTransport {
                 lease,
                 alive: AtomicBool::new(true),
                 slots: Arc::new(Semaphore::new(prefetch)),
-                acks: Mutex::new(self.inner.js.client()),
                 client: self.inner.js.client(),
             }),
             prefetch,
@@ -745,11 +745,8 @@ struct Subscription {
     alive: AtomicBool,
     /// Prefetch left: each delivery takes a slot until it is settled.
     slots: Arc<Semaphore>,
-    /// The connection, as the sink acknowledgements are queued to without
-    /// a future (see `NatsSettler::begin_settle`); one per subscription.
-    acks: Mutex<async_nats::Client>,
-    /// The connection, for settlements that wait (`Context::client` clones
-    /// it on every call).
+    /// The connection, which settlements are published through
+    /// (`Context::client` clones it on every call).
     client: async_nats::Client,
 }
 
@@ -893,34 +890,22 @@ impl NatsSettler {
     }
 
     /// Sends `kind` (`None`: a plain ack) for this delivery without a
-    /// future: the client's command queue takes it at once unless it is
-    /// full. `Err` gives the reply subject back when it is.
+    /// boxed future: async-nats' `publish`, polled once here, puts it in
+    /// the client's command queue at once unless the queue is full. `Err`
+    /// gives the reply subject back when it is; the publish is dropped
+    /// unsent then (tokio's `Sender::send` sends nothing unless it
+    /// completes), and so is its place in the queue's wait list.
     fn queue_ack(
         &self,
         reply: async_nats::Subject,
         kind: Option<AckKind>,
         cx: &mut std::task::Context<'_>,
     ) -> Result<Result<(), TransportError>, async_nats::Subject> {
-        use futures_util::Sink;
-        let mut client = self.slot.acks.lock().unwrap_or_else(|p| p.into_inner());
-        let mut client = std::pin::Pin::new(&mut *client);
-        match client.as_mut().poll_ready(cx) {
-            std::task::Poll::Pending => {
-                // The queue is full. The sink would go on waiting for a
-                // slot and keep it for whichever ack comes next; a fresh
-                // handle drops that wait, and the caller waits its own way.
-                client.set(self.slot.client.clone());
-                Err(reply)
-            }
-            std::task::Poll::Ready(Err(e)) => Ok(Err(ack_error(e))),
-            std::task::Poll::Ready(Ok(())) => Ok(client
-                .start_send(async_nats::message::OutboundMessage {
-                    subject: reply,
-                    reply: None,
-                    payload: ack_payload(kind),
-                    headers: None,
-                })
-                .map_err(ack_error)),
+        let publish = self.slot.client.publish(reply.clone(), ack_payload(kind));
+        let publish = std::pin::pin!(publish);
+        match publish.poll(cx) {
+            std::task::Poll::Ready(sent) => Ok(sent.map_err(ack_error)),
+            std::task::Poll::Pending => Err(reply),
         }
     }
 

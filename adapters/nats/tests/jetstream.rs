@@ -171,12 +171,11 @@ async fn a_poison_message_is_dead_lettered_after_exactly_max_attempts() {
 }
 
 /// An ack that finds the client's command queue full neither fails nor
-/// gets lost: `begin_settle` hands back a future that waits for room, and
-/// the acks after it go through a fresh handle. With a queue of one, a
-/// handle left holding its place in the queue's wait list would take the
-/// only slot and every later ack would wait for ever (the test times out).
-/// On one thread the connection task cannot drain the queue while the
-/// acks are queued in one go.
+/// gets lost: `begin_settle` hands back a future that waits for room. With
+/// a queue of one, an ack attempt left holding its place in the queue's
+/// wait list would take the only slot and every later ack would wait for
+/// ever (the test times out). On one thread the connection task cannot
+/// drain the queue while the acks are queued in one go.
 #[tokio::test(flavor = "current_thread")]
 async fn acks_wait_for_room_when_the_client_queue_is_full() {
     use futures_util::FutureExt;
