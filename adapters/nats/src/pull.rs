@@ -295,6 +295,21 @@ mod tests {
         asked
     }
 
+    #[test]
+    fn the_next_request_goes_out_once_half_the_batch_has_arrived() {
+        let mut a = Asked {
+            batch: 64,
+            pending: 0,
+        };
+        a.requested();
+        for _ in 0..31 {
+            a.received();
+        }
+        assert!(!a.wants_more(), "33 of 64 still to come");
+        a.received();
+        assert!(a.wants_more(), "32 of 64 still to come");
+    }
+
     fn pending_messages(n: &str) -> async_nats::HeaderMap {
         let mut h = async_nats::HeaderMap::new();
         h.insert("Nats-Pending-Messages", n);

@@ -891,9 +891,9 @@ impl NatsSettler {
 
     /// Sends `kind` (`None`: a plain ack) for this delivery without a
     /// boxed future: async-nats' `publish`, polled once here, puts it in
-    /// the client's command queue at once unless the queue is full. `Err`
-    /// gives the reply subject back when it is; the publish is dropped
-    /// unsent then (tokio's `Sender::send` sends nothing unless it
+    /// the client's command queue at once unless the queue is full (or the
+    /// task has used up tokio's cooperative budget). `Err` gives the reply
+    /// subject back when it is not taken; the publish is dropped unsent then (tokio's `Sender::send` sends nothing unless it
     /// completes), and so is its place in the queue's wait list.
     fn queue_ack(
         &self,
@@ -1016,8 +1016,8 @@ impl Settler for NatsSettler {
 
     /// Acks, naks and releases go to the client's command queue directly
     /// (the connection task writes them, as it would `Acker::ack`'s), with
-    /// no future and no copy of the JetStream context: on a busy consumer
-    /// this is most of what settling costs.
+    /// no boxed future and no copy of the JetStream context: on a busy
+    /// consumer this is most of what settling costs.
     fn begin_settle(
         mut self: Box<Self>,
         settlement: Settlement,
@@ -1032,7 +1032,8 @@ impl Settler for NatsSettler {
         };
         match self.queue_ack(reply, kind, cx) {
             Ok(sent) => Settling::Done(sent),
-            // The queue is full: wait for room, keeping the slot meanwhile.
+            // Not taken (the queue is full, or the task's cooperative
+            // budget is spent): wait for room, keeping the slot meanwhile.
             Err(reply) => {
                 Settling::Pending(Box::pin(async move { self.send_ack(reply, kind).await }))
             }
