@@ -121,19 +121,9 @@ impl Transport for NatsCoreTransport {
         destination: &'a str,
         envelope: Envelope,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        if envelope.payload.len() > self.max_payload {
-            return Box::pin(std::future::ready(Err(TransportError::new(
-                TransportErrorKind::TooLarge,
-                format!(
-                    "payload of {} bytes is over the {}-byte limit of this NATS server",
-                    envelope.payload.len(),
-                    self.max_payload
-                ),
-            ))));
-        }
         // Encoded before the future is built, so that the boxed future
         // holds the headers and the payload, not the whole envelope.
-        let (headers, payload) = match wire::encode(envelope) {
+        let (headers, payload) = match wire::encode_within(envelope, self.max_payload) {
             Ok(encoded) => encoded,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };

@@ -253,14 +253,14 @@ impl Stream for Puller {
             this.idle.as_mut().reset(at);
         }
         if this.idle.as_mut().poll(cx).is_ready() {
-            if this.asked.pending == 0 {
-                // Nothing asked for (the command queue was full): wait on.
-                this.heard = true;
-                return Poll::Pending;
-            }
+            // Moved forward on the next idle turn either way.
             this.heard = true;
-            this.asked.pending = 0;
-            return Poll::Ready(Some(Err(PullError::MissingHeartbeat)));
+            // With nothing asked for (the command queue was full) there is
+            // nothing to hear: wait on.
+            if this.asked.pending > 0 {
+                this.asked.pending = 0;
+                return Poll::Ready(Some(Err(PullError::MissingHeartbeat)));
+            }
         }
         Poll::Pending
     }

@@ -440,25 +440,6 @@ impl NatsTransport {
         Ok(())
     }
 
-    /// The headers `envelope` is published with, after checking that it
-    /// fits the server.
-    fn encode(
-        &self,
-        envelope: Envelope,
-    ) -> Result<(async_nats::HeaderMap, bytes::Bytes), TransportError> {
-        let max = self.inner.max_payload;
-        if envelope.payload.len() > max {
-            return Err(TransportError::new(
-                TransportErrorKind::TooLarge,
-                format!(
-                    "payload of {} bytes is over the {max}-byte limit of this NATS server (max_payload less room for headers)",
-                    envelope.payload.len()
-                ),
-            ));
-        }
-        wire::encode(envelope)
-    }
-
     /// Publishes `envelope` to `subject` and waits for the PubAck.
     ///
     /// Encoding happens before the future is built, and the future holds
@@ -470,7 +451,7 @@ impl NatsTransport {
         subject: &'a str,
         envelope: Envelope,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        match self.encode(envelope) {
+        match wire::encode_within(envelope, self.inner.max_payload) {
             Ok((headers, payload)) => {
                 started(Box::pin(send(&self.inner.js, subject, headers, payload)))
             }
@@ -890,10 +871,11 @@ impl NatsSettler {
     }
 
     /// Sends `kind` (`None`: a plain ack) for this delivery without a
-    /// boxed future: async-nats' `publish`, polled once here, puts it in
-    /// the client's command queue at once unless the queue is full (or the
-    /// task has used up tokio's cooperative budget). `Err` gives the reply
-    /// subject back when it is not taken; the publish is dropped unsent then (tokio's `Sender::send` sends nothing unless it
+    /// boxed future: [`send_ack`](Self::send_ack), polled once here, puts
+    /// it in the client's command queue at once unless the queue is full
+    /// (or the task has used up tokio's cooperative budget). `Err` gives the
+    /// reply subject back when it is not taken; the publish is dropped
+    /// unsent then (tokio's `Sender::send` sends nothing unless it
     /// completes), and so is its place in the queue's wait list.
     fn queue_ack(
         &self,
@@ -901,10 +883,9 @@ impl NatsSettler {
         kind: Option<AckKind>,
         cx: &mut std::task::Context<'_>,
     ) -> Result<Result<(), TransportError>, async_nats::Subject> {
-        let publish = self.slot.client.publish(reply.clone(), ack_payload(kind));
-        let publish = std::pin::pin!(publish);
-        match publish.poll(cx) {
-            std::task::Poll::Ready(sent) => Ok(sent.map_err(ack_error)),
+        let send = std::pin::pin!(self.send_ack(reply.clone(), kind));
+        match send.poll(cx) {
+            std::task::Poll::Ready(sent) => Ok(sent),
             std::task::Poll::Pending => Err(reply),
         }
     }

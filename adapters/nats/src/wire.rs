@@ -160,6 +160,25 @@ pub(crate) fn encode(env: Envelope) -> Result<(HeaderMap, Bytes), TransportError
     Ok((h, env.payload))
 }
 
+/// [`encode`], after checking that the payload is at most `max_payload`
+/// bytes (the server's `max_payload` less room for headers): `TooLarge`
+/// otherwise.
+pub(crate) fn encode_within(
+    env: Envelope,
+    max_payload: usize,
+) -> Result<(HeaderMap, Bytes), TransportError> {
+    if env.payload.len() > max_payload {
+        return Err(TransportError::new(
+            TransportErrorKind::TooLarge,
+            format!(
+                "payload of {} bytes is over the {max_payload}-byte limit of this NATS server (max_payload less room for headers)",
+                env.payload.len()
+            ),
+        ));
+    }
+    encode(env)
+}
+
 /// The envelope of a message; unparsable standard fields stay in the
 /// headers under their names. A missing schema version is 1; a missing
 /// time is the Unix epoch.
